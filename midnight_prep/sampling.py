@@ -1,0 +1,63 @@
+"""Seeded, uniform random tile positions restricted to where a tile can pass the foreground test."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from .tissue import ForegroundMap
+
+
+def slide_rng(seed: int, slide_id: str, mpp: float, purpose: str = "positions") -> np.random.Generator:
+    """RNG of one (slide, magnification): depends only on these values, never on worker count,
+    job grouping or scheduling order."""
+    digest = hashlib.sha256(f"{purpose}|{slide_id}|{round(mpp * 1000)}".encode()).digest()
+    return np.random.default_rng([seed, int.from_bytes(digest[:8], "little")])
+
+
+def candidate_positions(
+    fg: ForegroundMap,
+    width: int,
+    height: int,
+    extent: float,
+    threshold: float,
+    rng: np.random.Generator,
+    rejected: dict | None = None,
+    batch: int = 256,
+) -> Iterator[tuple[int, int, float]]:
+    """Endless stream of (x, y, foreground fraction): level-0 top-left corners of ``extent``-sided
+    boxes inside the slide, uniformly distributed over all positions whose foreground fraction is
+    at least ``threshold``.
+
+    Rejection sampling with a cheap proposal: a mask cell is a candidate when *some* box with its
+    top-left in that cell could reach the threshold (an upper bound from the integral image), a
+    cell is drawn uniformly among candidates, the corner is jittered uniformly inside it (so
+    positions are not snapped to the mask grid), then the exact fraction is checked. Ends at once
+    when no position can pass. ``rejected["foreground"]`` counts proposals that failed the check.
+    """
+    if extent > width or extent > height:
+        return
+    k = extent / fg.cell  # box side in mask cells
+    h, w = fg.shape
+    nu = min(w, int((width - extent) / fg.cell) + 1)  # cells holding a valid top-left corner
+    nv = min(h, int((height - extent) / fg.cell) + 1)
+    upper = fg.box_sums(math.ceil(k) + 1)[:nv, :nu] / (k * k)
+    cells_j, cells_i = np.nonzero(upper >= threshold)
+    if cells_i.size == 0:
+        return
+    while True:
+        pick = rng.integers(0, cells_i.size, batch)
+        jitter = rng.random((2, batch))
+        x = np.floor((cells_i[pick] + jitter[0]) * fg.cell).astype(np.int64)
+        y = np.floor((cells_j[pick] + jitter[1]) * fg.cell).astype(np.int64)
+        inside = (x <= width - extent) & (y <= height - extent)
+        frac = fg.fraction(x, y, extent)
+        ok = inside & (frac >= threshold)
+        for n in range(batch):  # in order, so counts stop exactly where the consumer stops
+            if ok[n]:
+                yield int(x[n]), int(y[n]), float(frac[n])
+            elif rejected is not None:
+                rejected["foreground"] = rejected.get("foreground", 0) + 1
