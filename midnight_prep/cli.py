@@ -1,0 +1,231 @@
+"""`midnight-prep`: whole-slide images -> filtered multi-magnification webdataset shards."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+from tqdm import tqdm
+
+from . import shards
+from .executors import run_jobs
+from .plan import BuildParams, Plan, PlanError, make_plan
+from .report import format_summary, summarize
+
+
+def _mpp_list(ctx, param, value: str) -> tuple[float, ...]:
+    try:
+        mpps = tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError as e:
+        raise click.BadParameter(f"{value!r}: expected comma-separated numbers like 2,1,0.5,0.25") from e
+    if not mpps or min(mpps) <= 0:
+        raise click.BadParameter("give at least one positive µm/px")
+    return mpps
+
+
+def plan_options(f):
+    opts = [
+        click.argument("inputs", nargs=-1, required=True),
+        click.option("--output", "-o", required=True,
+                     help="Where shards, manifests and plan.json go: a local path or an fsspec URL (s3://bucket/prefix)."),
+        click.option("--mpp", "mpps", default="2,1,0.5,0.25", show_default=True, callback=_mpp_list,
+                     help="Target magnifications in µm/px, comma-separated."),
+        click.option("--tile-size", default=256, show_default=True, help="Tile side in pixels (512 for the high-res stage)."),
+        click.option("--tiles-per-slide", type=int, help="Tiles per slide, spread evenly over the magnifications."),
+        click.option("--total-tiles", type=int, help="Total tiles, spread evenly over slides and magnifications."),
+        click.option("--shard-size", default=1000, show_default=True, help="Samples per shard."),
+        click.option("--seed", default=0, show_default=True, help="Global seed; same inputs + seed give byte-identical shards."),
+        click.option("--foreground", default=0.4, show_default=True, help="Minimum tissue-mask fraction of a tile."),
+        click.option("--hsv-min-fraction", default=0.6, show_default=True,
+                     help="Minimum fraction of pixels in the HSV tissue range (OpenCV convention: H 90-180, S 8-255, V 103-255)."),
+        click.option("--slides-per-job", default=8, show_default=True,
+                     help="Slides per job; a job shuffles its slides' tiles together into its shards."),
+        click.option("--group", default="default", show_default=True,
+                     help="Dataset name stored in each sample (a slide list's 'group' column overrides it)."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _plan_from_options(inputs, output, mpps, tile_size, tiles_per_slide, total_tiles, shard_size,
+                       seed, foreground, hsv_min_fraction, slides_per_job, group) -> Plan:
+    if tiles_per_slide is None and total_tiles is None:
+        tiles_per_slide = 1000
+    params = BuildParams(mpps=mpps, tile_size=tile_size, seed=seed, foreground=foreground,
+                         hsv_min_fraction=hsv_min_fraction, shard_size=shard_size)
+    try:
+        return make_plan(list(inputs), output, params, tiles_per_slide, total_tiles, slides_per_job, group)
+    except PlanError as e:
+        raise click.UsageError(str(e)) from e
+
+
+def _store_plan(plan: Plan) -> str:
+    """Write plan.json next to the shards; refuse to mix two different plans in one output."""
+    url = shards.join(plan.output, shards.PLAN_NAME)
+    try:
+        if shards.exists(url):
+            if Plan.from_dict(shards.read_json(url)).to_json() != plan.to_json():
+                raise click.UsageError(
+                    f"{url} holds a different plan (other slides or options). Use a new --output, or "
+                    f"continue that plan with: midnight-prep run {url}")
+            return url
+        shards.publish_bytes(plan.to_json().encode(), url)
+    except OSError as e:
+        raise click.ClickException(f"cannot write to {plan.output}: {e}. Check the path or the object store.") from e
+    return url
+
+
+def _load_plan(source: str) -> Plan:
+    url = source if source.endswith(".json") else shards.join(source, shards.PLAN_NAME)
+    try:
+        return Plan.from_dict(shards.read_json(url))
+    except FileNotFoundError as e:
+        raise click.UsageError(f"no plan at {url}; create one with `midnight-prep plan`") from e
+    except (OSError, ValueError, KeyError, PlanError) as e:
+        raise click.ClickException(f"cannot read the plan {url}: {e}") from e
+
+
+def _select(plan: Plan, task: int, num_tasks: int, job_ids: str | None):
+    jobs = plan.jobs
+    if job_ids:
+        wanted = {j.strip() for j in job_ids.split(",") if j.strip()}
+        unknown = wanted - {j.job_id for j in jobs}
+        if unknown:
+            raise click.UsageError(f"unknown job ids: {', '.join(sorted(unknown))}")
+        jobs = [j for j in jobs if j.job_id in wanted]
+    if not 0 <= task < num_tasks:
+        raise click.UsageError(f"--task must be in [0, {num_tasks})")
+    return [j for i, j in enumerate(jobs) if i % num_tasks == task]
+
+
+def _execute(plan: Plan, jobs, workers: int) -> int:
+    """Run the jobs of ``jobs`` that have no manifest yet; print a summary; return exit status."""
+    try:
+        done = shards.list_manifests(plan.output)
+    except OSError as e:
+        raise click.ClickException(f"cannot list {plan.output}: {e}") from e
+    pending = [j for j in jobs if j.job_id not in done]
+    click.echo(f"{len(jobs) - len(pending)} of {len(jobs)} jobs already done; running {len(pending)} "
+               f"with {workers} worker(s) -> {plan.output}", err=True)
+    total_tiles = sum(sum(s.quotas.values()) for j in pending for s in j.slides)
+    bars = {
+        "slides": tqdm(total=sum(len(j.slides) for j in pending), desc="slides", unit="slide",
+                       position=0, disable=None, leave=True),
+        "tiles": tqdm(total=total_tiles, desc="tiles ", unit="tile", position=1, disable=None,
+                      leave=True, smoothing=0.05),
+    }
+    failed_jobs = []
+
+    def on_done(job_id, manifest, error):
+        if error is not None:
+            failed_jobs.append((job_id, error))
+            tqdm.write(f"job {job_id} failed: {error}", file=sys.stderr)
+        else:
+            done[job_id] = manifest
+
+    started = time.time()
+    run_jobs(pending, plan.params, plan.output, workers, lambda kind, n: bars[kind].update(n), on_done)
+    for bar in bars.values():
+        bar.close()
+    wall = time.time() - started
+    ran = [done[j.job_id] for j in pending if j.job_id in done]
+    summary = summarize(ran)
+    click.echo(format_summary(summary, wall_seconds=wall if ran else None))
+    for job_id, error in failed_jobs:
+        click.echo(f"  job {job_id} did not finish ({type(error).__name__}: {error}); "
+                   "run the same command again to retry it", err=True)
+    return 1 if failed_jobs or summary["failed"] else 0
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Turn whole-slide images into filtered, multi-magnification webdataset shards.
+
+    Typical use: `midnight-prep build SLIDES... --output OUT` (plan + run; rerun the same command
+    to resume after a crash). For clusters: `plan` once, then `run OUT/plan.json --task I
+    --num-tasks N` per SLURM array task or Ray task, and `status OUT` to follow progress.
+    """
+
+
+@main.command()
+@plan_options
+@click.option("--workers", "-j", default=1, show_default=True, help="Local worker processes.")
+def build(workers, **options) -> None:
+    """Plan and run: sample tiles from INPUTS (slide files, directories, or CSV slide lists with
+    columns path[,slide_id,mpp,group]) into shards under --output. Resumable: run it again after
+    any interruption and only the unfinished jobs are redone."""
+    plan = _plan_from_options(**options)
+    _store_plan(plan)
+    sys.exit(_execute(plan, plan.jobs, workers))
+
+
+@main.command("plan")
+@plan_options
+def plan_cmd(**options) -> None:
+    """Write OUTPUT/plan.json (the jobs, their slides and quotas) without running anything."""
+    plan = _plan_from_options(**options)
+    url = _store_plan(plan)
+    click.echo(f"{len(plan.jobs)} jobs, {len(plan.slides)} slides, "
+               f"{sum(sum(s.quotas.values()) for s in plan.slides)} tiles asked -> {url}")
+
+
+@main.command()
+@click.argument("plan_source")
+@click.option("--workers", "-j", default=1, show_default=True, help="Local worker processes.")
+@click.option("--task", default=0, show_default=True, help="This task's index (e.g. $SLURM_ARRAY_TASK_ID).")
+@click.option("--num-tasks", default=1, show_default=True, help="Number of tasks sharing the plan; task I runs jobs I, I+N, ...")
+@click.option("--jobs", "job_ids", help="Only these job ids (comma-separated).")
+def run(plan_source, workers, task, num_tasks, job_ids) -> None:
+    """Run the unfinished jobs of a plan (PLAN_SOURCE: plan.json or the output it lives in)."""
+    plan = _load_plan(plan_source)
+    sys.exit(_execute(plan, _select(plan, task, num_tasks, job_ids), workers))
+
+
+@main.command()
+@click.argument("plan_source")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(plan_source, as_json) -> None:
+    """What is done, what is left, and what failed."""
+    plan = _load_plan(plan_source)
+    done = shards.list_manifests(plan.output)
+    finished = [done[j.job_id] for j in plan.jobs if j.job_id in done]
+    left = [j.job_id for j in plan.jobs if j.job_id not in done]
+    summary = summarize(finished)
+    if as_json:
+        click.echo(json.dumps({"jobs": len(plan.jobs), "done": len(finished), "left": left,
+                               "samples": summary["samples"], "failed": summary["failed"]}, indent=1))
+    else:
+        click.echo(f"{len(finished)}/{len(plan.jobs)} jobs done, {len(left)} left"
+                   + (f" (first: {', '.join(left[:5])})" if left else ""))
+        click.echo(format_summary(summary))
+    sys.exit(1 if summary["failed"] else 0)
+
+
+@main.command()
+@click.argument("shard_urls", nargs=-1, required=True)
+@click.option("--out", "out_png", default="contact-sheet.png", show_default=True, help="Contact sheet PNG to write.")
+@click.option("--count", default=48, show_default=True, help="Tiles on the sheet.")
+def inspect(shard_urls, out_png, count) -> None:
+    """Per-shard statistics and a contact sheet of tiles labelled with their µm/px."""
+    from .inspect import contact_sheet, shard_stats
+
+    tiles = []
+    for url in shard_urls:
+        try:
+            stats, sample = shard_stats(url, keep=max(0, count - len(tiles)))
+        except (OSError, ValueError) as e:
+            raise click.ClickException(f"cannot read shard {url}: {e}") from e
+        tiles += sample
+        click.echo(f"{url}: {stats['samples']} samples, {stats['bytes']} bytes; per µm/px "
+                   + ", ".join(f"{k}: {v}" for k, v in sorted(stats['per_mpp'].items(), key=lambda kv: -float(kv[0])))
+                   + f"; slides {stats['slides']}; mean foreground {stats['foreground']:.2f}, "
+                   f"mean HSV fraction {stats['hsv_fraction']:.2f}")
+    contact_sheet(tiles, out_png)
+    click.echo(f"contact sheet of {len(tiles)} tiles -> {out_png}")
+
+
+if __name__ == "__main__":
+    main()

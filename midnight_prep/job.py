@@ -1,0 +1,193 @@
+"""One build job: for each of its slides, mask -> sample -> read -> filter -> encode; then shuffle
+all its tiles together, write shards, and write the manifest LAST as the job's commit marker."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from . import shards
+from .hsv import hsv_fraction
+from .plan import BuildParams, JobSpec, SlideSpec
+from .sampling import candidate_positions, slide_rng
+from .slides import Slide, SlideError, downscale
+from .tissue import ForegroundMap, tissue_mask
+
+# The smallest tile should cover about this many mask pixels across (>= 3 needed for the
+# integral-image foreground check to be meaningful).
+MASK_CELLS_PER_TILE = 4
+# A slide whose reads keep failing is given up after this many (a truncated file, say).
+MAX_READ_ERRORS = 20
+
+Progress = Callable[[str, int], None]
+
+
+@dataclass
+class SlideReport:
+    slide_id: str
+    source: str
+    status: str = "ok"  # ok | failed
+    error: str | None = None
+    mpp: float | None = None
+    mpp_source: str | None = None
+    asked: dict[str, int] = field(default_factory=dict)
+    written: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)  # reason -> count, all magnifications
+    skipped_mpps: dict[str, str] = field(default_factory=dict)  # µm/px -> reason
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="JPEG", quality=quality, subsampling=2)  # 2 = 4:2:0
+    return buf.getvalue()
+
+
+def foreground_map(slide: Slide, params: BuildParams) -> ForegroundMap:
+    """Tissue mask at a resolution where the smallest tile spans MASK_CELLS_PER_TILE cells."""
+    smallest_fov = params.tile_size * min(params.mpps)  # µm
+    mask_mpp = max(slide.mpp, smallest_fov / MASK_CELLS_PER_TILE)
+    strips = list(slide.thumbnail_strips(mask_mpp))
+    rgb = np.concatenate([s for _, s in strips], axis=0)
+    return ForegroundMap.from_mask(tissue_mask(rgb), cell=mask_mpp / slide.mpp)
+
+
+def _sample_slide(slide: Slide, spec: SlideSpec, params: BuildParams, report: SlideReport,
+                  emit: Callable[[str, bytes, dict], None], progress: Progress | None) -> None:
+    fg = foreground_map(slide, params)
+    read_errors = 0
+    for mpp in params.mpps:
+        mkey = f"{mpp:g}"
+        quota = spec.quotas.get(mkey, 0)
+        if quota <= 0:
+            continue
+        level = slide.level_for(mpp, params.mpp_tolerance)
+        if level is None:
+            report.skipped_mpps[mkey] = (
+                f"finest level is {slide.levels[0].mpp:.3g} µm/px, coarser than {mpp:g} µm/px "
+                "(never upsampled)")
+            continue
+        extent = params.tile_size * mpp / slide.mpp  # level-0 pixels
+        read_size = round(params.tile_size * mpp / level.mpp)
+        ds = level.downsample
+        rng = slide_rng(params.seed, spec.slide_id, mpp)
+        positions = candidate_positions(fg, slide.width, slide.height, extent, params.foreground,
+                                        rng, report.rejected)
+        budget = int(params.read_budget_factor * quota) + 64
+        seen: set[tuple[int, int]] = set()
+        written = 0
+        for x0, y0, frac in positions:
+            if written >= quota or budget <= 0:
+                break
+            # Read on the chosen level's pixel grid; record the level-0 corner of what was read.
+            xl = min(int(x0 / ds), level.width - read_size)
+            yl = min(int(y0 / ds), level.height - read_size)
+            if (xl, yl) in seen:
+                report.rejected["duplicate"] = report.rejected.get("duplicate", 0) + 1
+                continue
+            seen.add((xl, yl))
+            budget -= 1
+            try:
+                region = slide.read_level(level.index, xl, yl, read_size, read_size)
+            except SlideError as e:
+                report.rejected["read_error"] = report.rejected.get("read_error", 0) + 1
+                read_errors += 1
+                if read_errors >= MAX_READ_ERRORS:
+                    raise SlideError(f"gave up after {read_errors} failed reads; last: {e}") from e
+                continue
+            tile = downscale(region, params.tile_size)
+            hf = hsv_fraction(tile)
+            if hf < params.hsv_min_fraction:
+                report.rejected["hsv"] = report.rejected.get("hsv", 0) + 1
+                continue
+            x, y = round(xl * ds), round(yl * ds)
+            meta = {
+                "slide_id": spec.slide_id, "source": spec.path, "mpp": mpp, "x": x, "y": y,
+                "extent": round(read_size * ds, 3), "level": level.index, "read_size": read_size,
+                "tile_size": params.tile_size, "foreground": round(frac, 4),
+                "hsv_fraction": round(hf, 4), "group": spec.group, "seed": params.seed,
+            }
+            emit(shards.sample_key(spec.slide_id, mpp, x, y), encode_jpeg(tile, params.jpeg_quality), meta)
+            written += 1
+            if progress:
+                progress("tiles", 1)
+        report.written[mkey] = written
+
+
+def process_slide(spec: SlideSpec, params: BuildParams, emit, progress: Progress | None = None) -> SlideReport:
+    """Sample one slide into ``emit``; every failure is caught and reported, never raised."""
+    report = SlideReport(spec.slide_id, spec.path, asked=dict(spec.quotas))
+    try:
+        with Slide(spec.path, mpp_override=spec.mpp) as slide:
+            report.mpp, report.mpp_source = slide.mpp, slide.mpp_source
+            _sample_slide(slide, spec, params, report, emit, progress)
+    except SlideError as e:
+        report.status, report.error = "failed", str(e)
+    except Exception as e:  # an unexpected library error on one slide must not end the job
+        report.status, report.error = "failed", f"{type(e).__name__}: {e}"
+    return report
+
+
+def run_job(job: JobSpec, params: BuildParams, output: str, progress: Progress | None = None,
+            scratch: str | None = None) -> dict:
+    """Run one job from scratch and return its manifest (also written to the output, last)."""
+    started, cpu_started = time.time(), time.process_time()
+    tmp = tempfile.mkdtemp(prefix=f"midnight-{job.job_id}-", dir=scratch)
+    try:
+        # Tiles spill to a local file (not memory) until the whole job is shuffled.
+        spill_path = os.path.join(tmp, "tiles.bin")
+        records: list[tuple[int, int, str, dict]] = []
+        with open(spill_path, "wb") as spill:
+            def emit(key: str, jpeg: bytes, meta: dict) -> None:
+                records.append((spill.tell(), len(jpeg), key, meta))
+                spill.write(jpeg)
+
+            reports = []
+            for spec in job.slides:
+                reports.append(process_slide(spec, params, emit, progress))
+                if progress:
+                    progress("slides", 1)
+
+        order = slide_rng(params.seed, job.job_id, 0, purpose="shuffle").permutation(len(records))
+        written = []
+        with open(spill_path, "rb") as spill:
+            def samples(idx):
+                for i in idx:
+                    offset, size, key, meta = records[i]
+                    spill.seek(offset)
+                    yield key, spill.read(size), meta
+
+            for k, start in enumerate(range(0, len(order), params.shard_size)):
+                name = shards.shard_name(job.job_id, k)
+                local = os.path.join(tmp, f"shard-{k}.tar")
+                with open(local, "wb") as f:
+                    n = shards.write_tar(samples(order[start:start + params.shard_size]), f)
+                entry = {"name": name, "samples": n, "bytes": os.path.getsize(local),
+                         "sha256": shards.sha256_file(local)}
+                shards.publish(local, shards.join(output, name))
+                os.unlink(local)
+                written.append(entry)
+
+        manifest = {
+            "job_id": job.job_id,
+            "shards": written,
+            "samples": len(records),
+            "slides": [report.__dict__ for report in reports],
+            "errors": [{"slide_id": r.slide_id, "source": r.source, "error": r.error}
+                       for r in reports if r.status == "failed"],
+            "seconds": round(time.time() - started, 3),
+            "cpu_seconds": round(time.process_time() - cpu_started, 3),
+        }
+        shards.publish_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode(),
+                             shards.join(output, shards.manifest_name(job.job_id)))
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,171 @@
+"""Slide list -> plan: build parameters plus independent jobs (groups of slides with per-slide,
+per-magnification quotas). A plan is plain JSON so any engine (local pool, SLURM array, Ray) can
+run any subset of its jobs on any machine."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .shards import safe_slide_id
+
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
+                    ".svslide")
+PLAN_VERSION = 1
+
+
+class PlanError(Exception):
+    """The inputs cannot be planned; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class BuildParams:
+    mpps: tuple[float, ...] = (2.0, 1.0, 0.5, 0.25)
+    tile_size: int = 256
+    seed: int = 0
+    foreground: float = 0.4
+    hsv_min_fraction: float = 0.6
+    shard_size: int = 1000
+    mpp_tolerance: float = 0.05
+    jpeg_quality: int = 90
+    # Reads allowed per (slide, magnification): budget_factor * quota + 64. Bounds the time spent
+    # on slides whose tissue mostly fails the colour filter.
+    read_budget_factor: float = 8.0
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BuildParams:
+        d = dict(d)
+        d["mpps"] = tuple(float(m) for m in d["mpps"])
+        return cls(**d)
+
+
+@dataclass
+class SlideSpec:
+    path: str
+    slide_id: str
+    group: str = "default"
+    mpp: float | None = None  # override, used only when the file has no usable µm/px
+    quotas: dict[str, int] = field(default_factory=dict)  # str(µm/px) -> tiles
+
+
+@dataclass
+class JobSpec:
+    job_id: str
+    slides: list[SlideSpec]
+
+
+@dataclass
+class Plan:
+    output: str
+    params: BuildParams
+    jobs: list[JobSpec]
+    version: int = PLAN_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Plan:
+        if d.get("version") != PLAN_VERSION:
+            raise PlanError(f"plan version {d.get('version')} is not {PLAN_VERSION}; re-plan")
+        jobs = [JobSpec(j["job_id"], [SlideSpec(**s) for s in j["slides"]]) for j in d["jobs"]]
+        return cls(d["output"], BuildParams.from_dict(d["params"]), jobs)
+
+    @property
+    def slides(self) -> list[SlideSpec]:
+        return [s for job in self.jobs for s in job.slides]
+
+
+def mpp_key(mpp: float) -> str:
+    return f"{mpp:g}"
+
+
+def _row(path: str, slide_id: str | None = None, group: str | None = None, mpp: str | None = None) -> dict:
+    return {"path": path, "slide_id": slide_id or None, "group": group or None,
+            "mpp": float(mpp) if mpp not in (None, "") else None}
+
+
+def read_slide_list(csv_path: Path) -> list[dict]:
+    """Rows of a slide list CSV: column ``path`` (absolute, or relative to the CSV), optional
+    ``slide_id``, ``mpp`` (override) and ``group``."""
+    with open(csv_path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or "path" not in reader.fieldnames:
+            raise PlanError(f"{csv_path}: a slide list needs a 'path' column (got {reader.fieldnames})")
+        unknown = set(reader.fieldnames) - {"path", "slide_id", "mpp", "group"}
+        if unknown:
+            raise PlanError(f"{csv_path}: unknown columns {sorted(unknown)}; allowed: path, slide_id, mpp, group")
+        rows = []
+        for n, r in enumerate(reader, start=2):
+            p = (r.get("path") or "").strip()
+            if not p:
+                raise PlanError(f"{csv_path}:{n}: empty path")
+            if "://" not in p and not Path(p).is_absolute():
+                p = str((csv_path.parent / p).resolve())
+            try:
+                rows.append(_row(p, r.get("slide_id"), r.get("group"), r.get("mpp")))
+            except ValueError as e:
+                raise PlanError(f"{csv_path}:{n}: mpp {r.get('mpp')!r} is not a number") from e
+        return rows
+
+
+def collect_inputs(inputs: list[str]) -> list[dict]:
+    """Slide rows from files, directories (searched recursively by extension) and CSV lists."""
+    rows: list[dict] = []
+    for item in inputs:
+        p = Path(item)
+        if p.suffix.lower() == ".csv":
+            rows += read_slide_list(p)
+        elif p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in SLIDE_EXTENSIONS)
+            if not found:
+                raise PlanError(f"{item}: no slide files ({', '.join(SLIDE_EXTENSIONS)}) in this directory")
+            rows += [_row(str(f.resolve())) for f in found]
+        elif p.exists():
+            rows.append(_row(str(p.resolve())))
+        else:
+            raise PlanError(f"{item}: no such file or directory")
+    if not rows:
+        raise PlanError("no slides given")
+    return rows
+
+
+def split_evenly(total: int, parts: int) -> list[int]:
+    base, extra = divmod(total, parts)
+    return [base + (1 if i < extra else 0) for i in range(parts)]
+
+
+def make_plan(
+    inputs: list[str],
+    output: str,
+    params: BuildParams,
+    tiles_per_slide: int | None = None,
+    total_tiles: int | None = None,
+    slides_per_job: int = 8,
+    group: str = "default",
+) -> Plan:
+    """Group slides (sorted by id, so the plan does not depend on input order) into jobs and give
+    each slide its quota, spread evenly over the magnifications."""
+    if (tiles_per_slide is None) == (total_tiles is None):
+        raise PlanError("give exactly one of --tiles-per-slide or --total-tiles")
+    rows = collect_inputs(inputs)
+    seen: dict[str, str] = {}
+    slides = []
+    for r in rows:
+        sid = safe_slide_id(r["slide_id"] or Path(r["path"]).name.split(".")[0])
+        if sid in seen:
+            raise PlanError(
+                f"slide id {sid!r} is used by both {seen[sid]} and {r['path']}; give unique "
+                "'slide_id' values in a slide list CSV")
+        seen[sid] = r["path"]
+        slides.append(SlideSpec(r["path"], sid, safe_slide_id(r["group"] or group), r["mpp"]))
+    slides.sort(key=lambda s: s.slide_id)
+    per_slide = (split_evenly(total_tiles, len(slides)) if total_tiles is not None
+                 else [tiles_per_slide] * len(slides))
+    for s, n in zip(slides, per_slide):
+        s.quotas = {mpp_key(m): q for m, q in zip(params.mpps, split_evenly(n, len(params.mpps)))}
+    jobs = [JobSpec(f"job-{i // slides_per_job:06d}", slides[i:i + slides_per_job])
+            for i in range(0, len(slides), slides_per_job)]
+    return Plan(output.rstrip("/"), params, jobs)
