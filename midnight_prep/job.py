@@ -90,11 +90,11 @@ def _sample_slide(slide: Slide, spec: SlideSpec, params: BuildParams, report: Sl
             # Read on the chosen level's pixel grid; record the level-0 corner of what was read.
             xl = min(int(x0 / ds), level.width - read_size)
             yl = min(int(y0 / ds), level.height - read_size)
+            budget -= 1  # duplicates count too: a tiny slide must not loop forever
             if (xl, yl) in seen:
                 report.rejected["duplicate"] = report.rejected.get("duplicate", 0) + 1
                 continue
             seen.add((xl, yl))
-            budget -= 1
             try:
                 region = slide.read_level(level.index, xl, yl, read_size, read_size)
             except SlideError as e:

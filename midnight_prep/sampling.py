@@ -27,6 +27,7 @@ def candidate_positions(
     rng: np.random.Generator,
     rejected: dict | None = None,
     batch: int = 256,
+    give_up_after: int = 64,
 ) -> Iterator[tuple[int, int, float]]:
     """Endless stream of (x, y, foreground fraction): level-0 top-left corners of ``extent``-sided
     boxes inside the slide, uniformly distributed over all positions whose foreground fraction is
@@ -36,7 +37,8 @@ def candidate_positions(
     top-left in that cell could reach the threshold (an upper bound from the integral image), a
     cell is drawn uniformly among candidates, the corner is jittered uniformly inside it (so
     positions are not snapped to the mask grid), then the exact fraction is checked. Ends at once
-    when no position can pass. ``rejected["foreground"]`` counts proposals that failed the check.
+    when no position can pass, or when ``give_up_after`` batches in a row found none (the upper
+    bound can be loose). ``rejected["foreground"]`` counts proposals that failed the check.
     """
     if extent > width or extent > height:
         return
@@ -48,7 +50,8 @@ def candidate_positions(
     cells_j, cells_i = np.nonzero(upper >= threshold)
     if cells_i.size == 0:
         return
-    while True:
+    barren = 0
+    while barren < give_up_after:
         pick = rng.integers(0, cells_i.size, batch)
         jitter = rng.random((2, batch))
         x = np.floor((cells_i[pick] + jitter[0]) * fg.cell).astype(np.int64)
@@ -56,6 +59,7 @@ def candidate_positions(
         inside = (x <= width - extent) & (y <= height - extent)
         frac = fg.fraction(x, y, extent)
         ok = inside & (frac >= threshold)
+        barren = 0 if ok.any() else barren + 1
         for n in range(batch):  # in order, so counts stop exactly where the consumer stops
             if ok[n]:
                 yield int(x[n]), int(y[n]), float(frac[n])

@@ -8,8 +8,6 @@ import numpy as np
 from scipy import ndimage
 from skimage.filters import threshold_otsu
 
-from .hsv import hsv_mask
-
 # Saturation (max - min of RGB, 0-255) below which a pixel is never tissue, whatever Otsu says:
 # an all-background slide then has an empty mask instead of a mask of scanner noise.
 MIN_SATURATION = 20
@@ -19,9 +17,7 @@ NEAR_BLACK = 30  # max(R, G, B) below this: pen, folds, scanner borders
 
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     """Boolean tissue mask of a low-resolution RGB image: Otsu on saturation after a light blur,
-    with near-white and near-black pixels removed, and restricted to pixels whose (low-res)
-    colour is in the HSV filter's range, so that positions are drawn where tiles can pass it
-    (the exact filter still runs on every tile as read)."""
+    with near-white and near-black pixels removed."""
     c = rgb.astype(np.int16)
     sat = (c.max(axis=-1) - c.min(axis=-1)).astype(np.float32)
     sat = ndimage.gaussian_filter(sat, sigma=1.0)
@@ -30,7 +26,7 @@ def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     threshold = MIN_SATURATION
     if sat.max() > sat.min():
         threshold = max(threshold, float(threshold_otsu(sat)))
-    return candidates & (sat > threshold) & hsv_mask(rgb)
+    return candidates & (sat > threshold)
 
 
 @dataclass

@@ -11,14 +11,18 @@ import tifffile
 from PIL import Image
 
 
-def cmu_tissue(cmu_path: Path, width: int, height: int, zoom: float = 2.0) -> np.ndarray:
+def cmu_tissue(cmu_path: Path, width: int, height: int, zoom: float = 2.0,
+               offset: tuple[int, int] = (1100, 3000)) -> np.ndarray:
     """A ``height`` x ``width`` RGB canvas of real tissue: the CMU region scaled by ``zoom``
-    (2 makes its 0.5 µm/px look like 0.25 µm/px), mirrored to fill the canvas."""
+    (2 makes its 0.5 µm/px look like 0.25 µm/px), from ``offset`` (x, y; the default is its
+    densest tissue), mirrored to fill the canvas."""
     with openslide.OpenSlide(str(cmu_path)) as osr:
         base = np.asarray(osr.read_region((0, 0), 0, osr.dimensions).convert("RGB"))
     img = Image.fromarray(base)
     img = img.resize((round(img.width * zoom), round(img.height * zoom)), Image.Resampling.BICUBIC)
     tile = np.asarray(img)
+    tile = np.concatenate([tile, tile[::-1]], axis=0)
+    tile = np.concatenate([tile, tile[:, ::-1]], axis=1)[offset[1]:, offset[0]:]
     reps_y, reps_x = -(-height // tile.shape[0]), -(-width // tile.shape[1])
     rows = [np.concatenate([tile if (i + j) % 2 == 0 else tile[:, ::-1] for i in range(reps_x)], axis=1)
             for j in range(reps_y)]
