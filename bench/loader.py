@@ -1,0 +1,175 @@
+"""Loader benchmark: our pipeline vs a DINOv2-style per-image reference, same shards, one core.
+
+Run:  .venv/bin/python bench/loader.py [--tiles 256] [--samples 384] [--repeats 5]
+
+Measured side by side in one process, single-threaded (samples/s per core):
+- ours, CPU side: shard read + JPEG decode + 2 global + N local random-resized crops (+ flips)
+  + iBOT masks + collation (`make_loader(num_workers=0)`; DataLoader workers add no work);
+- ours, colour side: `ColorAugment` (HED + jitter + grey + blur + solarize + normalise) per batch
+  on the CPU, timed separately (it runs on the GPU in training);
+- reference: DINOv2's augmentation done per image in PIL/torchvision on the CPU (decode,
+  RandomResizedCrop, flip, ColorJitter, RandomGrayscale, GaussianBlur, RandomSolarize,
+  ToTensor, Normalize) plus HED per crop with scikit-image (rgb2hed → jitter → hed2rgb);
+- HED alone: batched `hed_jitter` on [n, 3, 224, 224] vs scikit-image per crop.
+Prints a markdown table of medians over the repeats and the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import PIL
+import torch
+from PIL import Image, ImageFilter, ImageOps
+from skimage.color import hed2rgb, rgb2hed
+from torchvision import transforms as T
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+import shardkit  # noqa: E402
+
+from midnight_prep.samples import cmu_small_region  # noqa: E402
+from midnight_train.augment import AugmentConfig, ColorAugment, hed_jitter, sample_hed_params  # noqa: E402
+from midnight_train.data import Counters, DataConfig, make_loader, shard_records  # noqa: E402
+
+
+def median_rates(runs: dict, repeats: int) -> dict[str, float]:
+    """Median items/s of each {name: (fn, n_items)}; rounds interleave the contenders so that
+    load from other processes on a shared machine hits all of them alike."""
+    rates: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (fn, n_items) in runs.items():
+            t = time.perf_counter()
+            fn()
+            rates[name].append(n_items / (time.perf_counter() - t))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+class PilRandomApply:
+    """DINOv2-style PIL blur / solarize with the intended probabilities (not 1 − p)."""
+
+    def __init__(self, p: float, fn) -> None:
+        self.p, self.fn = p, fn
+
+    def __call__(self, img):
+        return self.fn(img) if np.random.random() < self.p else img
+
+
+def skimage_hed(img: Image.Image, sigma_a: float, sigma_b: float) -> Image.Image:
+    rgb = np.asarray(img) / 255.0
+    hed = rgb2hed(rgb)
+    alpha = np.random.uniform(1 - sigma_a, 1 + sigma_a, 3)
+    beta = np.random.uniform(-sigma_b, sigma_b, 3)
+    out = hed2rgb(hed * alpha + beta)
+    return Image.fromarray((np.clip(out, 0, 1) * 255).astype(np.uint8))
+
+
+def reference_transforms(g: int, loc: int, aug: AugmentConfig):
+    """DINOv2's DataAugmentationDINO, per image, with HED per crop in front of the colour chain."""
+    jitter = T.RandomApply([T.ColorJitter(aug.brightness, aug.contrast, aug.saturation, aug.hue)], p=aug.jitter_p)
+    norm = T.Compose([T.ToTensor(), T.Normalize(aug.mean, aug.std)])
+
+    def blur(p):
+        return PilRandomApply(p, lambda im: im.filter(ImageFilter.GaussianBlur(np.random.uniform(*aug.blur_sigma))))
+
+    def hed(im):
+        return skimage_hed(im, aug.hed_sigma_alpha, aug.hed_sigma_beta)
+
+    geo_g = T.Compose([T.RandomResizedCrop(g, (0.32, 1.0), interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()])
+    geo_l = T.Compose([T.RandomResizedCrop(loc, (0.05, 0.32), interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip()])
+    colour = T.Compose([hed, jitter, T.RandomGrayscale(aug.grayscale_p)])
+    g1 = T.Compose([geo_g, colour, blur(aug.blur_p_global1), norm])
+    g2 = T.Compose([geo_g, colour, blur(aug.blur_p_global2),
+                    PilRandomApply(aug.solarize_p_global2, lambda im: ImageOps.solarize(im, 128)), norm])
+    lo = T.Compose([geo_l, colour, blur(aug.blur_p_local), norm])
+    return g1, g2, lo
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiles", type=int, default=256, help="tile size in the shards")
+    ap.add_argument("--global-size", type=int, default=224)
+    ap.add_argument("--local-size", type=int, default=98)
+    ap.add_argument("--n-local", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=384, help="samples per timed run (ours)")
+    ap.add_argument("--ref-samples", type=int, default=48, help="samples per timed run (reference)")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # per-core figures
+    np.random.seed(0)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="midnight-bench-") as tmp:
+        run(args, Path(tmp))
+
+
+def run(args: argparse.Namespace, tmp: Path) -> None:
+    shard_paths = shardkit.make_shards(tmp / "shards", cmu_small_region(), n_shards=4, per_shard=128,
+                                       tile_size=args.tiles)
+    g, loc, nl, b = args.global_size, args.local_size, args.n_local, args.batch
+    cfg = DataConfig(shards=str(tmp / "shards"), batch_size=b, num_workers=0, shuffle_buffer=256,
+                     global_crop_size=g, local_crop_size=loc, n_local_crops=nl)
+    aug = AugmentConfig()
+
+    # ours, CPU side (decode + geometry + masks + collation), endless loader, one process
+    it = iter(make_loader(cfg, seed=0, rank=0, world_size=1))
+    next(it)  # warm-up: first block read
+    n_batches = max(1, args.samples // b)
+
+    # ours, colour side, per batch on the CPU
+    batch = next(it)
+    colour = ColorAugment(aug)
+    gen = torch.Generator().manual_seed(0)
+
+    # reference: everything per image in PIL/torchvision + skimage HED per crop
+    jpgs = [r["jpg"] for r in shard_records(str(shard_paths[0]), 1, 0, None, Counters())]
+    g1, g2, lo = reference_transforms(g, loc, aug)
+
+    def reference():
+        for i in range(args.ref_samples):
+            img = Image.open(io.BytesIO(jpgs[i % len(jpgs)])).convert("RGB")
+            crops = [g1(img), g2(img)] + [lo(img) for _ in range(nl)]
+            torch.stack(crops[:2]), torch.stack(crops[2:])
+
+
+    # HED alone: batched torch vs scikit-image per crop, 224 px crops
+    crops = torch.stack([torch.from_numpy(np.array(Image.open(io.BytesIO(j)).convert("RGB").resize((g, g))))
+                         for j in jpgs[:b]]).permute(0, 3, 1, 2).float() / 255
+    alpha, beta = sample_hed_params(b, aug.hed_sigma_alpha, aug.hed_sigma_beta, gen)
+    pil_crops = [Image.fromarray((c.permute(1, 2, 0).numpy() * 255).astype(np.uint8)) for c in crops[:16]]
+    rates = median_rates({
+        "ref": (reference, args.ref_samples),
+        "ours": (lambda: [next(it) for _ in range(n_batches)], n_batches * b),
+        "colour": (lambda: colour(batch, gen), b),
+        "hed_ref": (lambda: [skimage_hed(c, aug.hed_sigma_alpha, aug.hed_sigma_beta) for c in pil_crops], len(pil_crops)),
+        "hed": (lambda: hed_jitter(crops, alpha, beta), b),
+    }, args.repeats)
+    ref, ours, colour_rate, hed_ref, hed_batched = (rates[k] for k in ("ref", "ours", "colour", "hed_ref", "hed"))
+
+    pil = f"PIL {PIL.__version__}"
+    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {pil}, 1 thread; "
+          f"tiles {args.tiles} px, crops 2x{g} + {nl}x{loc}, batch {b}, medians of {args.repeats}\n")
+    print("| pipeline (one core) | samples/s | vs reference |")
+    print("|---|---:|---:|")
+    print(f"| reference: per-image PIL/torchvision + per-crop skimage HED | {ref:.1f} | 1.0x |")
+    print(f"| ours, CPU side: read + decode + {2 + nl} crops + masks + collate | {ours:.1f} | {ours / ref:.1f}x |")
+    print(f"| ours, colour side on CPU (HED + DINOv2 colour chain, batched) | {colour_rate:.1f} | |")
+    both = 1 / (1 / ours + 1 / colour_rate)
+    print(f"| ours, both sides on one CPU core | {both:.1f} | {both / ref:.1f}x |")
+    print("\n| HED on 224 px crops (one core) | crops/s | ratio |")
+    print("|---|---:|---:|")
+    print(f"| scikit-image rgb2hed → jitter → hed2rgb, per crop | {hed_ref:.1f} | 1.0x |")
+    print(f"| `hed_jitter`, batched torch (batch {b}) | {hed_batched:.1f} | {hed_batched / hed_ref:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Batched colour augmentation on the model's device: HED stain jitter + DINOv2's colour chain.
+
+`ColorAugment(cfg)(batch, generator)` takes a loader batch (`midnight_train.data`) already moved
+to the device and returns it with `global_crops` as float [2·B, 3, G, G] (crop-major, matching
+`masks`) and `local_crops` as float [n_local·B, 3, L, L], both normalised. Every crop gets its own
+parameters, in this order (DINOv2's chain with HED in front, as a stain change happens before
+any camera/colour effect):
+
+1. HED jitter (Tellez et al. 2019), p = `hed_p`: per crop and stain channel
+   α ~ U(1 − σα, 1 + σα), β ~ U(−σβ, σβ), concentrations in scikit-image units (below);
+2. colour jitter, p 0.8: brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1, applied in a
+   random order per crop (as torchvision's ColorJitter);
+3. grayscale, p 0.2;
+4. Gaussian blur, σ ~ U(0.1, 2): p 1.0 on global crop 1, 0.1 on global crop 2, 0.5 on local
+   crops — the intended DINOv2 values (its code passes 1 − p to RandomApply);
+5. solarize (threshold 128/255), p 0.2 on global crop 2 only;
+6. normalise with mean/std.
+
+All random numbers come from the given torch.Generator (drawn on its device, then moved), in a
+fixed order, so a generator state gives the same output.
+
+HED units. `hed_jitter` uses scikit-image's `rgb2hed` convention without its clamp: optical
+density `od = log(max(rgb, 1e-6)) / log(1e-6)` (so od ∈ [0, 1]), stains = od @ hed_from_rgb,
+back with rgb = exp(log(1e-6) · stains @ rgb_from_hed), clipped to [0, 1]. Because od is divided
+by −log(1e-6) ≈ 13.8, H&E concentrations of real tissue are ≈ 0–0.15, so β must be small.
+Defaults, chosen by looking at `midnight-train data preview --hed-only` on the CMU H&E tile:
+σα = 0.25 (stain amount ±25 %) and σβ = 0.01 per channel (an offset adds stain everywhere,
+glass included: 0.015 already gave visibly pink or lilac backgrounds, 0.008–0.01 keeps the
+background near-white while shifting the H/E balance); DAB gets the same ranges (absent in H&E,
+it adds at most a faint brown cast).
+Tellez's "light" 0.05 / "strong" 0.2 refer to α; their β scale does not carry over to these units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+# Ruifrok & Johnston H, E, DAB stain vectors (rows), as in skimage.color.rgb_from_hed.
+RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]],
+                            dtype=torch.float64)
+HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+LOG_ADJUST = math.log(1e-6)
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+
+
+@dataclass
+class AugmentConfig:
+    """The `augment:` section of the training config (plain YAML types)."""
+
+    hed_p: float = 1.0
+    hed_sigma_alpha: float | list[float] = 0.25  # one value, or [H, E, D]
+    hed_sigma_beta: float | list[float] = 0.01
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_p: float = 0.2
+    blur_p_global1: float = 1.0
+    blur_p_global2: float = 0.1
+    blur_p_local: float = 0.5
+    blur_sigma: tuple[float, float] | list[float] = (0.1, 2.0)
+    solarize_p_global2: float = 0.2
+    mean: tuple[float, float, float] | list[float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] | list[float] = (0.229, 0.224, 0.225)
+
+
+def hed_jitter(images: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """Scale/shift stain concentrations: images float [B, 3, H, W] in [0, 1], alpha/beta [B, 3]
+    in H, E, D order (units in the module docstring). α = 1, β = 0 is the identity (up to the
+    1e-6 floor). The whole round trip is one per-image 3×3 product in log space:
+    log rgb' = log rgb · (hed_from_rgb · diag(α) · rgb_from_hed) + log(1e-6) · β · rgb_from_hed."""
+    dtype = images.dtype
+    h2r = RGB_FROM_HED.to(images.device)
+    r2h = HED_FROM_RGB.to(images.device)
+    alpha64, beta64 = alpha.to(images.device, torch.float64), beta.to(images.device, torch.float64)
+    matrix = (r2h[None] * alpha64[:, None, :]) @ h2r  # [B, 3 in, 3 out]
+    shift = LOG_ADJUST * (beta64 @ h2r)  # [B, 3]
+    b, _, h, w = images.shape
+    log_rgb = images.clamp_min(1e-6).log_().reshape(b, 3, h * w)
+    out = torch.baddbmm(shift.to(dtype)[:, :, None], matrix.to(dtype).transpose(1, 2), log_rgb)
+    return out.exp_().clamp_max_(1).reshape(b, 3, h, w)  # exp > 0: only the top needs clipping
+
+
+def _as3(value: float | list[float], device: torch.device) -> torch.Tensor:
+    v = torch.as_tensor(value, dtype=torch.float32, device=device)
+    return v.expand(3) if v.ndim == 0 else v
+
+
+def sample_hed_params(n: int, sigma_alpha: float | list[float], sigma_beta: float | list[float],
+                      generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha, beta) [n, 3] on the generator's device: α ~ U(1 − σα, 1 + σα), β ~ U(−σβ, σβ)."""
+    dev = generator.device
+    u = torch.rand((2, n, 3), generator=generator, device=dev) * 2 - 1
+    return 1 + u[0] * _as3(sigma_alpha, dev), u[1] * _as3(sigma_beta, dev)
+
+
+# ------------------------------------------------------------------- colour ops (per image)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device)
+    return torch.einsum("bchw,c->bhw", x, w)[:, None]
+
+
+def _bc(f: torch.Tensor) -> torch.Tensor:
+    return f[:, None, None, None]
+
+
+def _brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * _bc(f)).clamp_(0, 1)
+
+
+def _contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    mean = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+    return (x * _bc(f) + mean * (1 - _bc(f))).clamp_(0, 1)
+
+
+def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (x * _bc(f) + _gray(x) * (1 - _bc(f))).clamp_(0, 1)
+
+
+def _hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Rotate hue by f (fraction of a turn) via HSV, as torchvision's adjust_hue."""
+    r, g, b = x.unbind(1)
+    maxc, _ = x.max(1)
+    minc, _ = x.min(1)
+    delta = maxc - minc
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    h = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
+    h = torch.remainder(h + _bc(f)[:, 0], 1.0)
+    s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
+    v = maxc
+    # HSV → RGB with the k-offset formula: c = v - v·s·clamp(min(k, 4 - k), 0, 1)
+    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device)[None, :, None, None]
+                        + h[:, None] * 6, 6)
+    return v[:, None] - v[:, None] * s[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, max_sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur with a per-image σ (kernel radius 3·max σ, reflect padding)."""
+    n, c, h, w = x.shape
+    radius = min(int(math.ceil(3 * max_sigma)), h - 1, w - 1)
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(t[None] ** 2) / (2 * sigma[:, None].to(x.dtype) ** 2))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [n·c, K]
+    y = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c)
+    return y.reshape(n, c, h, w)
+
+
+class ColorAugment:
+    """Batched colour augmentation (see the module docstring); call with a device batch."""
+
+    def __init__(self, cfg: AugmentConfig) -> None:
+        self.cfg = cfg
+
+    def _rand(self, gen: torch.Generator, *shape: int) -> torch.Tensor:
+        return torch.rand(shape, generator=gen, device=gen.device)
+
+    def augment(self, x: torch.Tensor, blur_p: torch.Tensor, solarize_p: torch.Tensor,
+                gen: torch.Generator) -> torch.Tensor:
+        """Steps 1–5 on float images [n, 3, H, W] in [0, 1] with per-image blur/solarize p."""
+        cfg, n, dev = self.cfg, x.shape[0], x.device
+        # Draw everything first, in a fixed order, so the sequence never depends on the data.
+        hed_on = self._rand(gen, n) < cfg.hed_p
+        alpha, beta = sample_hed_params(n, cfg.hed_sigma_alpha, cfg.hed_sigma_beta, gen)
+        jitter_on = self._rand(gen, n) < cfg.jitter_p
+        u = self._rand(gen, n, 4) * 2 - 1
+        order = torch.argsort(self._rand(gen, n, 4), dim=1)
+        gray_on = self._rand(gen, n) < cfg.grayscale_p
+        blur_on = self._rand(gen, n) < blur_p.to(gen.device)
+        lo, hi = cfg.blur_sigma
+        sigma = lo + (hi - lo) * self._rand(gen, n)
+        solarize_on = self._rand(gen, n) < solarize_p.to(gen.device)
+        hed_on, alpha, beta, jitter_on, u, order, gray_on, blur_on, sigma, solarize_on = (
+            t.to(dev) for t in (hed_on, alpha, beta, jitter_on, u, order, gray_on, blur_on, sigma, solarize_on))
+
+        alpha = torch.where(hed_on[:, None], alpha, torch.ones_like(alpha))
+        beta = torch.where(hed_on[:, None], beta, torch.zeros_like(beta))
+        if bool(hed_on.any()):
+            x = hed_jitter(x, alpha, beta)
+        factors = torch.stack([1 + u[:, 0] * cfg.brightness, 1 + u[:, 1] * cfg.contrast,
+                               1 + u[:, 2] * cfg.saturation, u[:, 3] * cfg.hue], 1).to(x.dtype)
+        ops = (_brightness, _contrast, _saturation, _hue)
+        for step in range(4):
+            for op_index, op in enumerate(ops):
+                idx = torch.nonzero(jitter_on & (order[:, step] == op_index)).flatten()
+                if idx.numel():
+                    x = x.index_copy(0, idx, op(x[idx], factors[idx, op_index]))
+        x = torch.where(gray_on[:, None, None, None], _gray(x).expand_as(x), x)
+        idx = torch.nonzero(blur_on).flatten()
+        if idx.numel():
+            x = x.index_copy(0, idx, gaussian_blur(x[idx], sigma[idx], hi))
+        flip = solarize_on[:, None, None, None] & (x >= 128 / 255)
+        return torch.where(flip, 1 - x, x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(self.cfg.mean, dtype=x.dtype, device=x.device)[None, :, None, None]
+        std = torch.tensor(self.cfg.std, dtype=x.dtype, device=x.device)[None, :, None, None]
+        return (x - mean) / std
+
+    def __call__(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
+        cfg = self.cfg
+        g, loc = batch["global_crops"], batch["local_crops"]
+        b = g.shape[1]
+        xg = g.flatten(0, 1).float().div_(255)
+        xl = loc.flatten(0, 1).float().div_(255)
+        dev = generator.device
+        blur_g = torch.cat([torch.full((b,), cfg.blur_p_global1, device=dev),
+                            torch.full((b,), cfg.blur_p_global2, device=dev)])
+        sol_g = torch.cat([torch.zeros(b, device=dev), torch.full((b,), cfg.solarize_p_global2, device=dev)])
+        n_local = xl.shape[0]
+        out = dict(batch)
+        out["global_crops"] = self.normalize(self.augment(xg, blur_g, sol_g, generator))
+        out["local_crops"] = self.normalize(self.augment(
+            xl, torch.full((n_local,), cfg.blur_p_local, device=dev), torch.zeros(n_local, device=dev), generator))
+        return out

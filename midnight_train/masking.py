@@ -1,0 +1,70 @@
+"""iBOT block masks, produced with each batch (DINOv2's MaskingGenerator + collate, re-derived).
+
+For a batch whose global crops are flattened crop-major to N = 2·B images:
+- `int(N · sample_probability)` of them get a mask; their target ratios are spread over the
+  batch: image i draws its ratio uniformly from the i-th of that many equal sub-intervals of
+  [ratio_min, ratio_max], so one batch covers the whole range;
+- each mask is grown from random rectangular blocks (area ≥ `min_patches`, aspect ratio
+  log-uniform in [0.3, 1/0.3]) until it reaches its target count, never exceeding
+  `max_fraction` of the patches (a block that would overshoot is redrawn, up to 10 tries);
+- the rest get empty masks, then the order of the N masks is shuffled.
+All randomness comes from the numpy Generator passed in, so a batch's masks are reproducible.
+The trainer derives iBOT mask weights (1 / masked count per image) from these masks itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+LOG_ASPECT = (math.log(0.3), math.log(1 / 0.3))
+
+
+def _add_block(mask: np.ndarray, rng: np.random.Generator, max_new: int, min_patches: int) -> int:
+    """Mask one random block adding between 1 and max_new new patches; returns how many."""
+    height, width = mask.shape
+    for _ in range(10):
+        area = rng.uniform(min(min_patches, max_new), max_new)
+        aspect = math.exp(rng.uniform(*LOG_ASPECT))
+        h = int(round(math.sqrt(area * aspect)))
+        w = int(round(math.sqrt(area / aspect)))
+        if 0 < h < height and 0 < w < width:
+            top = int(rng.integers(0, height - h + 1))
+            left = int(rng.integers(0, width - w + 1))
+            block = mask[top : top + h, left : left + w]
+            new = h * w - int(block.sum())
+            if 0 < new <= max_new:
+                block[...] = True
+                return new
+    return 0
+
+
+def block_mask(rng: np.random.Generator, grid: int, n_target: int, *, min_patches: int = 4,
+               max_patches: int | None = None) -> np.ndarray:
+    """A [grid, grid] bool mask with at most n_target (and at most max_patches) patches set."""
+    mask = np.zeros((grid, grid), dtype=bool)
+    limit = n_target if max_patches is None else min(n_target, max_patches)
+    count = 0
+    while count < limit:
+        added = _add_block(mask, rng, limit - count, min_patches)
+        if added == 0:
+            break
+        count += added
+    return mask
+
+
+def batch_masks(rng: np.random.Generator, n_images: int, grid: int, *, sample_probability: float = 0.5,
+                ratio_min_max: tuple[float, float] = (0.1, 0.5), max_fraction: float = 0.5,
+                min_patches: int = 4) -> np.ndarray:
+    """Masks [n_images, grid*grid] (bool) for the crop-major flattened global crops of a batch."""
+    n_patches = grid * grid
+    n_masked = int(n_images * sample_probability)
+    bounds = np.linspace(ratio_min_max[0], ratio_min_max[1], n_masked + 1)
+    max_patches = int(max_fraction * n_patches)
+    masks = np.zeros((n_images, n_patches), dtype=bool)
+    for i in range(n_masked):
+        ratio = rng.uniform(bounds[i], bounds[i + 1])
+        masks[i] = block_mask(rng, grid, int(n_patches * ratio), min_patches=min_patches,
+                              max_patches=max_patches).reshape(-1)
+    return masks[rng.permutation(n_images)]

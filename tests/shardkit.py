@@ -1,0 +1,141 @@
+"""Test helper: write small shards in the DESIGN.md §2 format from real tissue.
+
+Tiles are cut from the real CC0 CMU-1-Small-Region slide (read once with OpenSlide), encoded as
+RGB JPEG q90 4:2:0 and written as `KEY.jpg` + `KEY.json` tar members. Helpers to damage shards
+(corrupt JPEG, missing member, truncated tar) live here too so tests can build realistic faults.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import openslide
+from PIL import Image
+
+MPP = 0.499  # the CMU slide's level-0 µm/px
+
+
+@functools.lru_cache(maxsize=2)
+def _slide_rgb(slide_path: str) -> np.ndarray:
+    slide = openslide.OpenSlide(slide_path)
+    try:
+        region = slide.read_region((0, 0), 0, slide.dimensions).convert("RGB")
+    finally:
+        slide.close()
+    return np.asarray(region)
+
+
+def tissue_positions(slide_path: str | Path, n: int, size: int, seed: int = 0) -> list[tuple[int, int]]:
+    """n distinct top-left corners of size x size tiles that are mostly tissue (not white glass)."""
+    rgb = _slide_rgb(str(slide_path))
+    rng = np.random.default_rng(seed)
+    out: list[tuple[int, int]] = []
+    seen = set()
+    for _ in range(200 * n):
+        x = int(rng.integers(0, rgb.shape[1] - size))
+        y = int(rng.integers(0, rgb.shape[0] - size))
+        if (x, y) in seen:
+            continue
+        tile = rgb[y : y + size, x : x + size]
+        if (tile.min(axis=2) < 200).mean() >= 0.6:
+            seen.add((x, y))
+            out.append((x, y))
+            if len(out) == n:
+                return out
+    raise RuntimeError(f"found only {len(out)} tissue tiles of {size} px")
+
+
+def tissue_tiles(slide_path: str | Path, n: int, size: int = 112, seed: int = 0) -> list[np.ndarray]:
+    rgb = _slide_rgb(str(slide_path))
+    return [rgb[y : y + size, x : x + size].copy() for x, y in tissue_positions(slide_path, n, size, seed)]
+
+
+def encode_jpeg(tile: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(tile).save(buf, format="JPEG", quality=90, subsampling="4:2:0")
+    return buf.getvalue()
+
+
+def sample_members(key: str, tile: np.ndarray, x: int, y: int, group: str, slide_id: str = "cmu1") -> dict[str, bytes]:
+    size = tile.shape[0]
+    meta = {
+        "slide_id": slide_id, "source": "CMU-1-Small-Region.svs", "mpp": MPP, "x": x, "y": y,
+        "extent": size, "level": 0, "read_size": size, "tile_size": size, "foreground": 1.0,
+        "hsv_fraction": 1.0, "group": group, "seed": 0,
+    }
+    return {"jpg": encode_jpeg(tile), "json": json.dumps(meta).encode()}
+
+
+def write_tar(path: str | Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
+    """Write samples [(key, {ext: bytes})] as a webdataset tar with fixed mtime and order."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def make_shards(
+    out_dir: str | Path,
+    slide_path: str | Path,
+    *,
+    n_shards: int,
+    per_shard: int,
+    tile_size: int = 112,
+    group: str = "cmu",
+    prefix: str = "shard",
+    seed: int = 0,
+) -> list[Path]:
+    """n_shards shards of per_shard distinct real tissue tiles each; keys are globally unique."""
+    n = n_shards * per_shard
+    positions = tissue_positions(slide_path, n, tile_size, seed)
+    rgb = _slide_rgb(str(slide_path))
+    paths = []
+    for s in range(n_shards):
+        samples = []
+        for x, y in positions[s * per_shard : (s + 1) * per_shard]:
+            tile = rgb[y : y + tile_size, x : x + tile_size]
+            key = f"{group}_{int(MPP * 1000):05d}_{x:07d}_{y:07d}"
+            samples.append((key, sample_members(key, tile, x, y, group)))
+        paths.append(write_tar(Path(out_dir) / f"{prefix}-{s:06d}.tar", samples))
+    return paths
+
+
+def write_manifest(out_dir: str | Path, job: int, shard_paths: list[Path], samples: list[int]) -> Path:
+    """A per-job manifest as the shard builder writes it (OUTPUT/manifests/job-NNNNNN.json)."""
+    out_dir = Path(out_dir)
+    entries = [
+        {"name": p.relative_to(out_dir).as_posix(), "samples": n, "bytes": p.stat().st_size}
+        for p, n in zip(shard_paths, samples, strict=True)
+    ]
+    path = out_dir / "manifests" / f"job-{job:06d}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"job": job, "shards": entries}))
+    return path
+
+
+def read_tar(path: str | Path) -> list[tuple[str, dict[str, bytes]]]:
+    """Samples of a tar written by write_tar, in order (for building damaged copies)."""
+    samples: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as tar:
+        for info in tar:
+            key, ext = info.name.split(".", 1)
+            samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
+    return list(samples.items())
+
+
+def truncate(path: str | Path, keep_fraction: float) -> Path:
+    """Cut a shard file short in the middle of a member, as an interrupted upload would."""
+    path = Path(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep_fraction) + 100])
+    return path
