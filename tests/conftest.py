@@ -11,7 +11,7 @@ import pytest
 # No hub look-ups from tests (a failed one retries for ~50 s): weights come from local files.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).parent))  # test helpers: synthetic.py, shardkit.py
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers such as shardkit.py
 
 
 @pytest.fixture(scope="session")
@@ -25,7 +25,7 @@ def cmu_slide():
 @pytest.fixture(scope="session")
 def slide_dir(tmp_path_factory, cmu_slide):
     """A small archive of real slide files covering the cases the shard builder must handle."""
-    from synthetic import background, cmu_tissue, write_pyramid
+    from midnight_prep.samples import background, cmu_tissue, write_pyramid
 
     d = tmp_path_factory.mktemp("slides")
     tissue = cmu_tissue(cmu_slide, 3072, 2560)  # real H&E, as if scanned at 0.25 µm/px

@@ -46,8 +46,7 @@ def test_box_sums_match_loops():
 
 
 def test_mask_of_glass_is_empty_and_of_tissue_is_not(cmu_slide):
-    from synthetic import background
-
+    from midnight_prep.samples import background
     from midnight_prep.slides import Slide
 
     assert not tissue_mask(background(300, 200)).any()

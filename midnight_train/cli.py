@@ -1,0 +1,119 @@
+"""`midnight-train` command line. Commands: `data preview` (here); the trainer adds fit/export/embed."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import click
+import yaml
+
+
+@click.group()
+def main() -> None:
+    """Train pathology foundation models on midnight-prep shards."""
+
+
+@main.group()
+def data() -> None:
+    """Inspect the training input pipeline."""
+
+
+@data.command()
+@click.argument("source", required=False)
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="Training YAML; its data: and augment: sections are used.")
+@click.option("--out", "out_path", default="preview.png", show_default=True, type=click.Path())
+@click.option("--samples", default=4, show_default=True, help="Rows (samples) in the grid.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--hed-only", is_flag=True, help="Only HED jitter (no colour jitter, grey, blur, solarize).")
+@click.option("--hed-sigma-alpha", type=float, help="Override augment.hed_sigma_alpha.")
+@click.option("--hed-sigma-beta", type=float, help="Override augment.hed_sigma_beta.")
+def preview(source: str | None, config_path: str | None, out_path: str, samples: int, seed: int,
+            hed_only: bool, hed_sigma_alpha: float | None, hed_sigma_beta: float | None) -> None:
+    """Write a PNG grid: per sample the original tile, its augmented global and local crops.
+
+    SOURCE is a shard source (output directory, brace pattern, .tar, prefix, fsspec URL);
+    it replaces the config's data.shards/datasets.
+    """
+    from midnight_train.augment import AugmentConfig
+    from midnight_train.data import config_from_dict
+    from midnight_train.preview import render_preview
+
+    raw = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
+    data_section = dict(raw.get("data") or {})
+    if source:
+        data_section.pop("datasets", None)
+        data_section["shards"] = source
+    if not data_section.get("shards") and not data_section.get("datasets"):
+        raise click.UsageError("give a SOURCE or a --config with data.shards/datasets")
+    data_cfg = config_from_dict(data_section)
+    aug_cfg = AugmentConfig(**(raw.get("augment") or {}))
+    overrides = {k: v for k, v in (("hed_sigma_alpha", hed_sigma_alpha), ("hed_sigma_beta", hed_sigma_beta)) if v is not None}
+    if hed_only:
+        overrides.update(jitter_p=0.0, grayscale_p=0.0, blur_p_global1=0.0, blur_p_global2=0.0,
+                         blur_p_local=0.0, solarize_p_global2=0.0, hed_p=1.0)
+    aug_cfg = dataclasses.replace(aug_cfg, **overrides)
+    path = render_preview(data_cfg, aug_cfg, out_path, n_samples=samples, seed=seed)
+    click.echo(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@click.argument("overrides", nargs=-1)
+def fit(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Train with CONFIG (YAML) and dotted key=value OVERRIDES, e.g.
+
+      midnight-train fit examples/tiny-cpu.yaml data.shards=out/shards output_dir=out/train
+      accelerate launch -m midnight_train fit CONFIG resume=auto
+
+    resume=auto continues from the latest checkpoint in output_dir.
+    """
+    from midnight_train.config import ConfigError, load_config
+    from midnight_train.trainer import NonFiniteLossError, Trainer
+
+    try:
+        cfg = load_config(config_path, overrides)
+    except (ConfigError, ValueError) as err:
+        raise click.UsageError(str(err)) from err
+    try:
+        Trainer(cfg).fit()
+    except NonFiniteLossError as err:
+        raise click.ClickException(str(err)) from err
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--which", type=click.Choice(["teacher", "student"]), default="teacher",
+              show_default=True)
+@click.option("--img-size", type=int, help="Resample the position embedding to this input size.")
+def export(checkpoint: str, out: str, which: str, img_size: int | None) -> None:
+    """Write a timm-loadable safetensors backbone from CHECKPOINT (a checkpoint directory or a
+    training output directory: its latest checkpoint) to OUT."""
+    from midnight_train.export import export_backbone, read_metadata
+
+    path = export_backbone(checkpoint, out, which=which, img_size=img_size)
+    meta = read_metadata(path)
+    click.echo(f"wrote {path}: timm.create_model({meta['arch']!r}, pretrained=False, "
+               f"**{meta['timm_kwargs']}) + load_state_dict")
+
+
+@main.command()
+@click.argument("weights", type=click.Path(exists=True, dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "out_path", default="embeddings.npz", show_default=True)
+@click.option("--img-size", type=int, help="Resize tiles to this size (default: the export's).")
+@click.option("--batch-size", default=64, show_default=True)
+def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | None,
+          batch_size: int) -> None:
+    """CLS+Mean embeddings of INPUTS (images, directories, .tar shards) with exported WEIGHTS;
+    writes an .npz with `keys` and `embeddings`."""
+    from midnight_train.embed import embed_inputs
+
+    n, dim = embed_inputs(weights, list(inputs), out_path, img_size=img_size,
+                          batch_size=batch_size)
+    click.echo(f"wrote {out_path}: {n} embeddings of dimension {dim}")

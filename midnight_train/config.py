@@ -1,0 +1,200 @@
+"""Training configuration: YAML files plus dotted ``key=value`` overrides, checked against
+dataclasses so that a misspelt key is an error instead of a silently ignored setting.
+
+    cfg = load_config("examples/tiny-cpu.yaml", ["train.max_steps=20", "data.shards=out/shards"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from midnight_train.models import ModelConfig
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class LossConfig:
+    dino_weight: float = 1.0
+    ibot_weight: float = 1.0
+    kde_weight: float = 0.0  # Midnight: KDE uniformity on the student CLS of each global crop
+    kde_kappa: float = 5.0
+    kde_gather: bool = True  # estimate the density over all ranks' embeddings
+    koleo_weight: float = 0.0  # DINOv2's KoLeo (0.1 there), for ablations
+    teacher_targets: str = "sinkhorn_knopp"  # or "centering"
+    sk_iterations: int = 3
+    center_momentum: float = 0.9
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    teacher_temp_start: float = 0.04
+    teacher_temp_warmup_steps: int = 0
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 1000  # optimiser steps
+    grad_accum: int = 1  # micro-batches per optimiser step
+    base_lr: float = 4e-3
+    lr_scaling: str = "sqrt"  # lr = base_lr * sqrt(global batch / 1024)
+    min_lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    betas: tuple[float, float] = (0.9, 0.999)
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: float = 3.0  # 0 disables clipping
+    freeze_last_layer_steps: int = 0
+    teacher_momentum: float = 0.992
+    teacher_momentum_end: float = 1.0
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    mixed_precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or no / bf16 / fp16
+    cpu: bool = False  # force CPU even when a GPU is present
+    tensorboard: bool = True
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    output_dir: str = "out/train"
+    resume: str | None = None  # None, "auto" (latest checkpoint in output_dir) or a path
+    data: Any = None  # midnight_train.data.DataConfig
+    augment: Any = None  # midnight_train.augment.AugmentConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _parse_value(text: str) -> Any:
+    if text.lstrip().startswith("{") and ".." in text:  # a brace pattern, not a YAML mapping
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """Set ``a.b.c=value`` (value parsed as YAML: numbers, null, lists) in a nested dict."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value")
+    key, _, text = item.partition("=")
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = _parse_value(text)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if value is None or hint is Any:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg, where)
+                except ConfigError:
+                    continue
+        raise ConfigError(f"{where}: {value!r} does not fit {hint}")
+    if dataclasses.is_dataclass(hint):
+        return build_dataclass(hint, value, where)
+    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # PyYAML reads "1e-4" as a string
+        except ValueError as err:
+            raise ConfigError(f"{where}: {value!r} is not a number") from err
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if hint in (int, float, bool, str) and not isinstance(value, hint):
+        raise ConfigError(f"{where}: {value!r} is not {hint.__name__}")
+    return value
+
+
+def build_dataclass(cls: type, values: Any, where: str = "") -> Any:
+    """``cls(**values)`` with unknown keys reported as errors and values checked/coerced."""
+    if dataclasses.is_dataclass(values):
+        return values
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"known keys in {where or 'the top level'}: {', '.join(sorted(names))}")
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # foreign dataclasses with unresolvable annotations: no coercion
+        hints = {}
+    kwargs = {k: _coerce(v, hints.get(k, Any), f"{where}.{k}" if where else k)
+              for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def build_config(raw: dict) -> Config:
+    from midnight_train.augment import AugmentConfig
+    from midnight_train.data import DataConfig
+
+    raw = dict(raw)
+    data, augment = raw.pop("data", None), raw.pop("augment", None)
+    cfg = build_dataclass(Config, raw)
+    cfg.data = build_dataclass(DataConfig, data, "data")
+    cfg.augment = build_dataclass(AugmentConfig, augment, "augment")
+    if cfg.train.grad_accum < 1 or cfg.train.max_steps < 1:
+        raise ConfigError("train.grad_accum and train.max_steps must be >= 1")
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    raw: dict = {}
+    if path is not None:
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        apply_override(raw, item)
+        # data.shards on the command line replaces a config's dataset mix (and vice versa).
+        key = item.partition("=")[0].strip()
+        other = {"data.shards": "datasets", "data.datasets": "shards"}.get(key)
+        if other and isinstance(raw.get("data"), dict):
+            raw["data"].pop(other, None)
+    return build_config(raw)
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses/tuples -> dicts/lists that ``yaml.safe_dump`` and JSON accept."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_plain(cfg), sort_keys=False))

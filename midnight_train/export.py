@@ -1,0 +1,86 @@
+"""Export the trained teacher (or student) backbone as a safetensors state dict that plain timm
+loads: ``timm.create_model(arch, pretrained=False, num_classes=0, **kwargs).load_state_dict(...)``.
+
+The file's string metadata records ``arch`` and the ``timm_kwargs`` (img_size, init_values, ...),
+and the input normalisation, so ``load_exported`` (and ``midnight-train embed``) can rebuild it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed
+
+from midnight_train.config import build_dataclass
+from midnight_train.models import ModelConfig, backbone_metadata
+from midnight_train.trainer import checkpoint_step, latest_checkpoint
+
+PREFIX = "backbone.vit."
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a training output directory (its latest checkpoint)."""
+    path = Path(path)
+    if checkpoint_step(path) is not None:
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint in {path} (expected checkpoints/step_*/model.pt)")
+    return found
+
+
+def export_backbone(checkpoint: str | Path, out: str | Path, *, which: str = "teacher",
+                    img_size: int | None = None) -> Path:
+    """Write the ``which`` backbone of a checkpoint to ``out`` (.safetensors). ``img_size``
+    resamples the position embedding to another input size (e.g. 392 after high-res training)."""
+    ckpt = resolve_checkpoint(checkpoint)
+    state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=False)
+    model_cfg = build_dataclass(ModelConfig, state["config"]["model"], "model")
+    weights = {k[len(PREFIX):]: v.float().contiguous() for k, v in state[which].items()
+               if k.startswith(PREFIX)}
+    if img_size is not None and img_size != model_cfg.img_size:
+        vit = timm.create_model(model_cfg.arch, pretrained=False,
+                                **{**_kwargs(model_cfg), "img_size": img_size})
+        prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
+        patch = vit.patch_embed.patch_size[0]
+        weights["pos_embed"] = resample_abs_pos_embed(
+            weights["pos_embed"], new_size=vit.patch_embed.grid_size,
+            old_size=(model_cfg.img_size // patch,) * 2, num_prefix_tokens=prefix)
+        model_cfg.img_size = img_size
+    meta = backbone_metadata(model_cfg)
+    augment = state["config"].get("augment") or {}
+    meta["mean"] = json.dumps(list(augment.get("mean", (0.485, 0.456, 0.406))))
+    meta["std"] = json.dumps(list(augment.get("std", (0.229, 0.224, 0.225))))
+    meta["step"] = str(state["step"])
+    meta["which"] = which
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(out), metadata=meta)
+    return out
+
+
+def _kwargs(cfg: ModelConfig) -> dict:
+    from midnight_train.models import timm_kwargs
+
+    return {k: v for k, v in timm_kwargs(cfg).items() if k != "dynamic_img_size"}
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_exported(path: str | Path, *, dynamic_img_size: bool = True) -> torch.nn.Module:
+    """The exported backbone as a timm model in eval mode."""
+    meta = read_metadata(path)
+    if "arch" not in meta:
+        raise ValueError(f"{path}: no midnight export metadata (arch, timm_kwargs)")
+    model = timm.create_model(meta["arch"], pretrained=False, dynamic_img_size=dynamic_img_size,
+                              **json.loads(meta["timm_kwargs"]))
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()

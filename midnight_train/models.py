@@ -1,0 +1,184 @@
+"""Backbones (timm ViTs with patch 14, DINOv2 style), DINO/iBOT projection heads and loading of the
+public DINOv2 weights from a local file (with position-embedding interpolation)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models import checkpoint_seq
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    """The student/teacher architecture. ``arch`` is a timm model name (``vit_{small,base,large,
+    giant}_patch14[_reg4]_dinov2``); ``timm_kwargs`` overrides its arguments (tiny test models:
+    ``{embed_dim: 48, depth: 2, num_heads: 2}``)."""
+
+    arch: str = "vit_small_patch14_dinov2"
+    img_size: int = 224  # global crop size: the size of the position-embedding grid
+    drop_path_rate: float = 0.1
+    layer_scale_init: float = 1e-5
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None  # local path of DINOv2 weights (.pth / .safetensors)
+    grad_checkpointing: bool = False  # activation checkpointing of the transformer blocks
+    head_n_prototypes: int = 65536
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    head_nlayers: int = 3
+    ibot_separate_head: bool = False
+    ibot_n_prototypes: int = 65536  # used only with a separate iBOT head
+
+
+def timm_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """Everything besides the name that ``timm.create_model`` needs to rebuild the backbone."""
+    return {"img_size": cfg.img_size, "num_classes": 0, "dynamic_img_size": True,
+            "init_values": cfg.layer_scale_init, **cfg.timm_kwargs}
+
+
+def create_vit(cfg: ModelConfig) -> VisionTransformer:
+    model = timm.create_model(cfg.arch, pretrained=False, drop_path_rate=cfg.drop_path_rate,
+                              **timm_kwargs(cfg))
+    if not isinstance(model, VisionTransformer):
+        raise ValueError(f"{cfg.arch} is not a timm VisionTransformer")
+    if cfg.pretrained:
+        load_dinov2_weights(model, cfg.pretrained)
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("teacher", "model", "state_dict"):  # common wrappers around the weights
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return state
+
+
+def load_dinov2_weights(model: VisionTransformer, path: str | Path) -> None:
+    """Load weights in the original DINOv2 layout (``mask_token``, ``register_tokens``, SwiGLU
+    ``w12``/``w3``, 37x37 position grid from 518 px) or in timm's layout into ``model``.
+
+    timm's converter renames the keys and resamples the position embedding to the model's grid
+    (e.g. 37x37 -> 16x16 for 224 px crops) so that nothing is silently truncated or mismatched.
+    """
+    state = read_state_dict(path)
+    state = {k.removeprefix("backbone."): v for k, v in state.items()
+             if not k.startswith(("dino_head.", "ibot_head.", "head."))}
+    state = checkpoint_filter_fn(state, model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"weights in {path} do not fit {type(model).__name__}: "
+                         f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+
+
+class Backbone(nn.Module):
+    """A timm ViT plus the iBOT mask token. ``forward`` returns the final-norm tokens."""
+
+    def __init__(self, vit: VisionTransformer):
+        super().__init__()
+        self.vit = vit
+        self.mask_token = nn.Parameter(torch.zeros(vit.embed_dim))
+        self.num_prefix_tokens = vit.num_prefix_tokens  # CLS + registers
+
+    @property
+    def embed_dim(self) -> int:
+        return self.vit.embed_dim
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        vit = self.vit
+        x = vit.patch_embed(images)  # [B, h, w, C] with dynamic_img_size
+        if masks is not None:
+            # Masked patches become the mask token BEFORE position embeddings are added (iBOT).
+            m = masks.view(x.shape[0], x.shape[1], x.shape[2], 1)
+            x = torch.where(m, self.mask_token.to(x.dtype), x)
+        x = vit._pos_embed(x)
+        x = vit.norm_pre(vit.patch_drop(x))
+        if vit.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_seq(vit.blocks, x)
+        else:
+            x = vit.blocks(x)
+        return vit.norm(x)
+
+
+class DINOHead(nn.Module):
+    """MLP (nlayers, GELU) -> L2-normalised bottleneck -> weight-normalised linear prototypes.
+
+    The last layer is ``x @ normalize(W).T``: weight normalisation with the gain fixed to 1, written
+    out so that it needs no parametrisation (simple for FSDP and for freezing).
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
+                 bottleneck_dim: int = 256, nlayers: int = 3):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
+        layers: list[nn.Module] = []
+        for i in range(len(dims) - 1):
+            layers.append(nn.Linear(dims[i], dims[i + 1]))
+            if i < len(dims) - 2:
+                layers.append(nn.GELU())
+        self.mlp = nn.Sequential(*layers)
+        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.last_layer.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+        return F.linear(x, F.normalize(self.last_layer.weight, dim=-1, eps=1e-6))
+
+
+class SSLNetwork(nn.Module):
+    """Backbone + DINO head (+ separate iBOT head). One class for the student and the teacher."""
+
+    def __init__(self, cfg: ModelConfig, vit: VisionTransformer | None = None):
+        super().__init__()
+        self.backbone = Backbone(vit if vit is not None else create_vit(cfg))
+        dim = self.backbone.embed_dim
+        head = dict(hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim,
+                    nlayers=cfg.head_nlayers)
+        self.dino_head = DINOHead(dim, cfg.head_n_prototypes, **head)
+        self.ibot_head = (DINOHead(dim, cfg.ibot_n_prototypes, **head)
+                          if cfg.ibot_separate_head else None)
+
+    def ibot(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (self.ibot_head or self.dino_head)(tokens)
+
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None,
+                masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Global crops ``[2B,3,G,G]`` (with iBOT ``masks`` ``[2B, n_patches]`` for the student),
+        local crops ``[nB,3,L,L]``. Returns the CLS embeddings and the head outputs; patch outputs
+        only for masked positions (``ibot_logits`` rows follow ``masks.nonzero()`` order)."""
+        p = self.backbone.num_prefix_tokens
+        tokens = self.backbone(global_crops, masks)
+        cls = tokens[:, 0]
+        out = {"cls": cls, "patch_tokens": tokens[:, p:]}
+        if local_crops is not None and local_crops.numel():
+            local_cls = self.backbone(local_crops)[:, 0]
+            both = self.dino_head(torch.cat([cls, local_cls]))
+            out["dino_logits"], out["dino_local_logits"] = both[: len(cls)], both[len(cls):]
+        else:
+            out["dino_logits"] = self.dino_head(cls)
+        if masks is not None:
+            out["ibot_logits"] = self.ibot(out["patch_tokens"][masks])
+        return out
+
+
+def backbone_metadata(cfg: ModelConfig) -> dict[str, str]:
+    """String metadata stored in exported safetensors so the model can be rebuilt from the file."""
+    kwargs = {k: v for k, v in timm_kwargs(cfg).items() if k != "dynamic_img_size"}
+    return {"format": "midnight-timm", "arch": cfg.arch, "timm_kwargs": json.dumps(kwargs)}

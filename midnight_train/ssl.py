@@ -1,0 +1,168 @@
+"""The DINOv2 student/teacher objective: EMA teacher, the loss terms combined with their weights,
+collapse monitors, and the optimiser's parameter groups."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from midnight_train.config import LossConfig
+from midnight_train.losses import (
+    TeacherTargets,
+    dino_loss,
+    ibot_loss,
+    ibot_mask_weights,
+    kde_loss,
+    koleo_loss,
+    mean_pairwise_cosine,
+)
+from midnight_train.models import ModelConfig, SSLNetwork
+
+
+def build_student_teacher(cfg: ModelConfig) -> tuple[SSLNetwork, SSLNetwork]:
+    """The teacher starts as an exact copy of the student, never gets gradients and always runs
+    in eval mode (no drop path)."""
+    student = SSLNetwork(cfg)
+    teacher = copy.deepcopy(student)
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return student, teacher
+
+
+@torch.no_grad()
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+    """teacher <- momentum * teacher + (1 - momentum) * student, as ``teacher + (1 - momentum) *
+    (student - teacher)`` (lerp): exact when the two are equal, so a student that does not move
+    leaves the teacher bit-for-bit unchanged."""
+    t_params, s_params = [], []
+    for (tn, tp), (sn, sp) in zip(teacher.named_parameters(), student.named_parameters(),
+                                  strict=True):
+        if tn != sn:
+            raise RuntimeError(f"teacher/student parameter mismatch: {tn} vs {sn}")
+        t_params.append(tp)
+        s_params.append(sp.detach().to(tp.dtype))
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+
+
+def param_groups(student: SSLNetwork, layerwise_decay: float,
+                 patch_embed_lr_mult: float) -> list[dict]:
+    """AdamW groups with ``lr_mult``/``wd_mult``/``last_layer`` for the schedules to apply.
+
+    Layer-wise lr decay: block i gets decay^(depth - i); embeddings (patch, tokens, position) get
+    decay^(depth + 1), the patch embedding additionally x patch_embed_lr_mult; final norm and heads
+    get 1. No weight decay on biases, norms and layer-scale gammas."""
+    depth = len(student.backbone.vit.blocks)
+    groups: dict[tuple, dict] = {}
+    for name, p in student.named_parameters():
+        if not p.requires_grad:
+            continue
+        short = name.removeprefix("backbone.").removeprefix("vit.")
+        if short.startswith("blocks."):
+            layer = int(short.split(".")[1]) + 1
+        elif short.startswith(("patch_embed", "cls_token", "reg_token", "pos_embed", "mask_token")):
+            layer = 0
+        else:
+            layer = depth + 1
+        lr_mult = layerwise_decay ** (depth + 1 - layer)
+        if short.startswith("patch_embed"):
+            lr_mult *= patch_embed_lr_mult
+        no_wd = name.endswith(".bias") or "norm" in name or ".gamma" in name
+        wd_mult = 0.0 if no_wd else 1.0
+        last = ".last_layer." in f".{name}"
+        key = (lr_mult, wd_mult, last)
+        group = groups.setdefault(key, {"params": [], "names": [], "lr_mult": lr_mult,
+                                        "wd_mult": wd_mult, "last_layer": last})
+        group["params"].append(p)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def apply_schedule(optimizer: torch.optim.Optimizer, lr: float, wd: float,
+                   last_layer_frozen: bool) -> None:
+    for g in optimizer.param_groups:
+        frozen = last_layer_frozen and g.get("last_layer", False)
+        g["lr"] = 0.0 if frozen else lr * g.get("lr_mult", 1.0)
+        g["weight_decay"] = wd * g.get("wd_mult", 1.0)
+
+
+class SSLObjective(nn.Module):
+    """Computes every loss term and monitor for one augmented batch. Holds the teacher-target
+    state (centering buffers), which is saved with the checkpoints."""
+
+    def __init__(self, model_cfg: ModelConfig, loss_cfg: LossConfig):
+        super().__init__()
+        self.cfg = loss_cfg
+        kw = dict(mode=loss_cfg.teacher_targets, center_momentum=loss_cfg.center_momentum,
+                  sk_iterations=loss_cfg.sk_iterations)
+        self.dino_targets = TeacherTargets(model_cfg.head_n_prototypes, **kw)
+        ibot_k = (model_cfg.ibot_n_prototypes if model_cfg.ibot_separate_head
+                  else model_cfg.head_n_prototypes)
+        self.ibot_targets = TeacherTargets(ibot_k, **kw)
+
+    @torch.no_grad()
+    def teacher_forward(self, teacher: SSLNetwork, global_crops: torch.Tensor,
+                        masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        tokens = teacher.backbone(global_crops)
+        p = teacher.backbone.num_prefix_tokens
+        cls = tokens[:, 0]
+        return {"cls": cls, "dino_logits": teacher.dino_head(cls),
+                "ibot_logits": teacher.ibot(tokens[:, p:][masks])}
+
+    def forward(self, student: nn.Module, teacher: SSLNetwork, batch: dict,
+                teacher_temp: float,
+                autocast: Callable[[], AbstractContextManager] = nullcontext,
+                ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Returns ``(losses, monitors)``; ``losses["loss"]`` is the weighted total to minimise."""
+        cfg = self.cfg
+        gc, lc, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+        n_images = gc.shape[0]
+        batch_size = n_images // 2
+        n_local = lc.shape[0] // batch_size if lc is not None and lc.numel() else 0
+        with autocast():
+            t = self.teacher_forward(teacher, gc, masks)
+        s = student(gc, lc, masks)
+
+        t_dino = self.dino_targets(t["dino_logits"], teacher_temp)
+        student_chunks = list(s["dino_logits"].chunk(2))
+        if n_local:
+            student_chunks += list(s["dino_local_logits"].chunk(n_local))
+        l_dino = dino_loss(student_chunks, list(t_dino.chunk(2)), cfg.student_temp, n_global=2)
+
+        t_ibot = self.ibot_targets(t["ibot_logits"], teacher_temp)
+        l_ibot = ibot_loss(s["ibot_logits"], t_ibot, ibot_mask_weights(masks), n_images,
+                           cfg.student_temp)
+
+        crops = s["cls"].chunk(2)  # the regularisers compare different images of one view
+        l_kde = sum(kde_loss(c, cfg.kde_kappa, cfg.kde_gather) for c in crops) / len(crops)
+        l_koleo = sum(koleo_loss(c) for c in crops) / len(crops)
+
+        total = (cfg.dino_weight * l_dino + cfg.ibot_weight * l_ibot
+                 + cfg.kde_weight * l_kde + cfg.koleo_weight * l_koleo)
+        losses = {"loss": total, "loss_dino": l_dino, "loss_ibot": l_ibot, "loss_kde": l_kde,
+                  "loss_koleo": l_koleo}
+        monitors = self.monitors(s["cls"][:batch_size], t["cls"][:batch_size], t_dino)
+        return losses, monitors
+
+    @staticmethod
+    @torch.no_grad()
+    def monitors(student_cls: torch.Tensor, teacher_cls: torch.Tensor,
+                 teacher_probs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Collapse monitors on one global crop: mean pairwise cosine (-> 1 when collapsed),
+        per-dimension std of the normalised teacher CLS (-> 0; ~1/sqrt(dim) when spread), mean
+        entropy of the teacher targets and entropy of their batch mean (-> 0 when collapsed)."""
+        z = F.normalize(teacher_cls.float(), dim=-1)
+        p = teacher_probs.float()
+        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+        mean_p = p.mean(0)
+        return {
+            "student_cls_cos": mean_pairwise_cosine(student_cls),
+            "teacher_cls_cos": mean_pairwise_cosine(teacher_cls),
+            "teacher_cls_std": z.std(dim=0).mean() if len(z) > 1 else z.new_zeros(()),
+            "teacher_entropy": entropy,
+            "teacher_batch_entropy": -(mean_p * torch.log(mean_p.clamp_min(1e-12))).sum(),
+        }

@@ -1,0 +1,144 @@
+"""Backbones, heads, DINOv2 weight loading (original key layout, 37x37 grid) and export."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
+
+from midnight_train.models import Backbone, DINOHead, ModelConfig, SSLNetwork, create_vit
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fakes import make_trainer, tiny_config  # noqa: E402
+
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def dinov2_layout(arch: str, kwargs: dict) -> dict[str, torch.Tensor]:
+    """A state dict as the public DINOv2 checkpoints store it: 518 px (37x37 grid), mask_token,
+    register_tokens with the CLS position inside pos_embed, SwiGLU as w12/w3."""
+    torch.manual_seed(0)
+    src = timm.create_model(arch, pretrained=False, img_size=518, num_classes=0, **kwargs)
+    state = {k: v.clone() for k, v in src.state_dict().items()}
+    d = src.embed_dim
+    state["mask_token"] = torch.zeros(1, d)
+    if "reg_token" in state:
+        state["register_tokens"] = state.pop("reg_token")
+        state["pos_embed"] = torch.cat([torch.zeros(1, 1, d), state["pos_embed"]], dim=1)
+    for k in list(state):
+        if ".mlp.fc1." in k and "giant" in arch:
+            state[k.replace("fc1", "w12")] = state.pop(k)
+        elif ".mlp.fc2." in k and "giant" in arch:
+            state[k.replace("fc2", "w3")] = state.pop(k)
+    return state
+
+
+@pytest.mark.parametrize("arch", ["vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2",
+                                  "vit_giant_patch14_dinov2"])
+def test_load_dinov2_weights_interpolates_position_embedding(tmp_path, arch):
+    state = dinov2_layout(arch, TINY)
+    assert state["pos_embed"].shape[1] == 1 + 37 * 37
+    path = tmp_path / "dinov2.pth"
+    torch.save(state, path)
+    cfg = ModelConfig(arch=arch, img_size=56, timm_kwargs=TINY, pretrained=str(path))
+    vit = create_vit(cfg)
+    reg = "reg4" in arch
+    grid = vit.pos_embed[:, 0 if reg else 1:]
+    assert grid.shape[1] == 4 * 4
+    src_grid = state["pos_embed"][:, 1:]
+    expected = resample_abs_pos_embed(src_grid, new_size=(4, 4), old_size=(37, 37),
+                                      num_prefix_tokens=0)
+    assert torch.allclose(grid, expected, atol=1e-6)
+    assert torch.equal(vit.blocks[1].attn.qkv.weight, state["blocks.1.attn.qkv.weight"])
+    fc = "w12" if "giant" in arch else "fc1"
+    assert torch.equal(vit.blocks[0].mlp.fc1.weight, state[f"blocks.0.mlp.{fc}.weight"])
+    if reg:
+        assert torch.equal(vit.reg_token, state["register_tokens"])
+    # dynamic image size: both crop sizes pass
+    with torch.no_grad():
+        assert vit.forward_features(torch.randn(1, 3, 56, 56)).shape[1] == 16 + vit.num_prefix_tokens
+        assert vit.forward_features(torch.randn(1, 3, 28, 28)).shape[1] == 4 + vit.num_prefix_tokens
+
+
+def test_wrong_weights_are_an_error(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save(dinov2_layout("vit_small_patch14_dinov2", {"embed_dim": 48, "depth": 1,
+                                                          "num_heads": 2}), path)
+    with pytest.raises((ValueError, RuntimeError)):
+        create_vit(ModelConfig(img_size=56, timm_kwargs=TINY, pretrained=str(path)))
+
+
+def test_backbone_masking_and_heads():
+    cfg = ModelConfig(img_size=28, timm_kwargs=TINY, drop_path_rate=0.2, layer_scale_init=1.0,
+                      head_n_prototypes=16, head_hidden_dim=24, head_bottleneck_dim=8,
+                      ibot_separate_head=True, ibot_n_prototypes=12)
+    net = SSLNetwork(cfg).eval()
+    assert net.backbone.vit.blocks[0].ls1.gamma.flatten()[0] == 1.0
+    masks = torch.zeros(4, 4, dtype=torch.bool)
+    masks[0, :2] = True
+    x = torch.randn(4, 3, 28, 28)
+    out = net(x, torch.randn(6, 3, 14, 14), masks)
+    assert out["dino_logits"].shape == (4, 16) and out["dino_local_logits"].shape == (6, 16)
+    assert out["ibot_logits"].shape == (2, 12)
+    unmasked = net.backbone(x)
+    assert torch.allclose(out["cls"][1:], unmasked[1:, 0], atol=1e-6)  # only image 0 masked
+    assert not torch.allclose(out["cls"][0], unmasked[0, 0])
+    head = DINOHead(8, 10, hidden_dim=16, bottleneck_dim=4)
+    logits = head(torch.randn(3, 8))
+    assert logits.abs().max() <= 1.0 + 1e-5  # cosine between unit bottleneck and unit prototypes
+    assert isinstance(net.backbone, Backbone)
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    torch.manual_seed(0)
+    cfg = ModelConfig(img_size=28, timm_kwargs=TINY, drop_path_rate=0.0, layer_scale_init=1.0)
+    a = create_vit(cfg)
+    b = create_vit(ModelConfig(**{**cfg.__dict__, "grad_checkpointing": True}))
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 3, 28, 28)
+    Backbone(a)(x).sum().backward()
+    Backbone(b)(x).sum().backward()
+    assert b.grad_checkpointing
+    assert torch.allclose(a.blocks[0].attn.qkv.weight.grad, b.blocks[0].attn.qkv.weight.grad,
+                          atol=1e-5)
+
+
+def test_export_loads_in_plain_timm_and_embeds(tmp_path):
+    from midnight_train.embed import cls_mean_embedding, embed_inputs
+    from midnight_train.export import export_backbone, read_metadata
+
+    trainer = make_trainer(tiny_config(tmp_path / "run", train={"max_steps": 2}))
+    trainer.fit()
+    out = export_backbone(tmp_path / "run", tmp_path / "model.safetensors")
+    meta = read_metadata(out)
+    assert meta["arch"] == "vit_small_patch14_dinov2"
+    model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
+                              img_size=28, **TINY)
+    model.load_state_dict(load_file(str(out)))  # strict: every key matches
+    model.eval()
+    vit = trainer.teacher.backbone.vit
+    for name, value in vit.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+    x = torch.randn(3, 3, 28, 28)
+    emb = cls_mean_embedding(model, x)
+    tokens = trainer.teacher.backbone(x)  # the teacher's final-norm tokens
+    assert emb.shape == (3, 64)
+    assert torch.allclose(emb, torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1), atol=1e-5)
+    # another resolution: the position embedding is resampled, plain timm still loads it
+    out42 = export_backbone(tmp_path / "run", tmp_path / "m42.safetensors", img_size=42)
+    m42 = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
+                            img_size=42, **TINY)
+    m42.load_state_dict(load_file(str(out42)))
+    # embed command path: images on disk -> .npz
+    from PIL import Image
+
+    for i in range(3):
+        Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(tmp_path / f"t{i}.png")
+    n, dim = embed_inputs(out, [str(tmp_path / f"t{i}.png") for i in range(3)],
+                          tmp_path / "emb.npz", batch_size=2)
+    assert (n, dim) == (3, 64)

@@ -1,0 +1,59 @@
+"""Config files, dotted overrides, unknown keys, and the example configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from midnight_train.config import ConfigError, load_config, save_config
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.train.max_steps >= 1 and cfg.model.arch.endswith("dinov2")
+    assert cfg.data.global_crop_size == cfg.model.img_size
+
+
+def test_required_override_names(tmp_path):
+    cfg = load_config(EXAMPLES[0].parent / "midnight-12k.yaml", [
+        f"output_dir={tmp_path}", "data.shards=/data/train-{000000..000009}.tar",
+        "train.max_steps=20", "train.seed=3", "train.checkpoint_every=5",
+        "loss.dino_weight=0", "loss.ibot_weight=0.5", "loss.kde_weight=1e-2",
+        "loss.koleo_weight=0.1", "resume=auto", "model.timm_kwargs.depth=2"])
+    assert cfg.output_dir == str(tmp_path) and cfg.resume == "auto"
+    assert cfg.data.shards == "/data/train-{000000..000009}.tar"
+    assert (cfg.train.max_steps, cfg.train.seed, cfg.train.checkpoint_every) == (20, 3, 5)
+    assert cfg.loss.dino_weight == 0.0 and cfg.loss.kde_weight == 0.01
+    assert cfg.loss.koleo_weight == 0.1 and isinstance(cfg.train.base_lr, float)
+    assert cfg.model.timm_kwargs == {"depth": 2}
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+def test_data_shards_override_replaces_dataset_mix():
+    cfg = load_config(EXAMPLES[0].parent / "midnight-92k.yaml", ["data.shards=/x"])
+    assert cfg.data.shards == "/x" and cfg.data.datasets is None
+    mixed = load_config(EXAMPLES[0].parent / "midnight-92k.yaml")
+    assert [d["weight"] for d in mixed.data.datasets] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("override", ["train.max_stepz=3", "lossy.kde_weight=1",
+                                      "data.batchsize=3", "augment.hed=1", "model.archh=x"])
+def test_unknown_keys_are_errors(override):
+    with pytest.raises((ConfigError, TypeError, ValueError), match="unknown|unexpected"):
+        load_config(EXAMPLES[0].parent / "tiny-cpu.yaml", [override])
+
+
+def test_bad_values_are_errors(tmp_path):
+    with pytest.raises(ConfigError):
+        load_config(EXAMPLES[0].parent / "tiny-cpu.yaml", ["train.max_steps=many"])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"unknown": 1}, "data": {"shards": "x"}}))
+    with pytest.raises(ConfigError, match="train.unknown"):
+        load_config(path)

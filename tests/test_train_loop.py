@@ -1,0 +1,166 @@
+"""Trainer mechanics on a tiny ViT with an in-memory data stand-in (fast, CPU)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fakes import make_trainer, tiny_config  # noqa: E402
+
+from midnight_train import trainer as trainer_mod  # noqa: E402
+from midnight_train.trainer import NonFiniteLossError, latest_checkpoint, list_checkpoints  # noqa: E402
+
+VOLATILE = {"samples_per_s"}
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def stable(rows):
+    return [{k: v for k, v in r.items() if k not in VOLATILE} for r in rows]
+
+
+def test_metrics_fields_and_finite(tmp_path):
+    make_trainer(tiny_config(tmp_path, train={"max_steps": 3})).fit()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    required = ["step", "loss", "loss_dino", "loss_ibot", "loss_kde", "lr", "wd",
+                "teacher_momentum", "teacher_temp", "grad_norm", "student_cls_cos",
+                "teacher_cls_cos", "teacher_cls_std", "samples_per_s", "teacher_entropy"]
+    for r in rows:
+        for k in required:
+            assert k in r and isinstance(r[k], float | int) and r[k] == r[k], k
+    assert (tmp_path / "config.yaml").exists()
+
+
+def test_resume_gives_identical_metrics(tmp_path):
+    train = {"max_steps": 6, "checkpoint_every": 3, "grad_accum": 2}
+    make_trainer(tiny_config(tmp_path / "full", train=train)).fit()
+    interrupted = tiny_config(tmp_path / "cut", train=train)
+    make_trainer(interrupted).fit(stop_after=3)
+    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == [1, 2, 3]
+    interrupted.resume = "auto"
+    make_trainer(interrupted).fit()
+    full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    assert [r["step"] for r in cut] == list(range(1, 7))
+    assert stable(full) == stable(cut)
+    a = torch.load(latest_checkpoint(tmp_path / "full") / "model.pt", weights_only=False)
+    b = torch.load(latest_checkpoint(tmp_path / "cut") / "model.pt", weights_only=False)
+    for key in ("student", "teacher"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), (key, name)
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, train={"max_steps": 4, "checkpoint_every": 2})
+    real_save = trainer_mod._save
+
+    def crashing_save(obj, path):
+        if obj.get("step") == 4 and Path(path).name == "model.pt":
+            Path(path).write_bytes(b"half a checkpoint")  # as if killed mid-write
+            raise KeyboardInterrupt("killed during save")
+        real_save(obj, path)
+
+    monkeypatch.setattr(trainer_mod, "_save", crashing_save)
+    with pytest.raises(KeyboardInterrupt):
+        make_trainer(cfg).fit()
+    monkeypatch.setattr(trainer_mod, "_save", real_save)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]
+    assert (tmp_path / "checkpoints" / ".tmp_step_00000004").exists()  # ignored leftovers
+    cfg.resume = "auto"
+    trainer = make_trainer(cfg)
+    trainer.fit()
+    assert trainer.step == 4
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_keeps_last_k_checkpoints(tmp_path):
+    cfg = tiny_config(tmp_path, train={"max_steps": 5, "checkpoint_every": 1,
+                                       "keep_checkpoints": 2})
+    make_trainer(cfg).fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000004", "step_00000005"]
+
+
+def test_teacher_is_exact_ema_of_student(tmp_path):
+    trainer = make_trainer(tiny_config(tmp_path, train={"max_steps": 3}))
+    teacher0 = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    student = trainer.accelerator.unwrap_model(trainer.student)
+    assert all(torch.equal(teacher0[k], v) for k, v in student.state_dict().items())
+    assert all(not p.requires_grad for p in trainer.teacher.parameters())
+    opt_params = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not opt_params & {id(p) for p in trainer.teacher.parameters()}
+    trainer.fit(stop_after=1)
+    m = trainer.schedules.at(0).teacher_momentum
+    assert m < 1
+    for name, s in student.named_parameters():
+        expected = torch.lerp(teacher0[name], s.detach(), 1 - m)  # m*t + (1-m)*s
+        assert torch.equal(dict(trainer.teacher.named_parameters())[name], expected), name
+    assert not torch.equal(trainer.teacher.backbone.vit.blocks[0].attn.qkv.weight,
+                           student.backbone.vit.blocks[0].attn.qkv.weight)
+
+
+def test_schedules_count_optimiser_steps_with_accumulation(tmp_path):
+    cfg = tiny_config(tmp_path, train={"max_steps": 4, "grad_accum": 3, "warmup_steps": 1,
+                                       "checkpoint_every": 4},
+                      loss={"teacher_temp_warmup_steps": 2})
+    trainer = make_trainer(cfg)
+    trainer.fit()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    for r in rows:
+        v = trainer.schedules.at(r["step"] - 1)
+        assert r["lr"] == pytest.approx(v.lr) and r["teacher_temp"] == pytest.approx(v.teacher_temp)
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == pytest.approx(1e-3)  # warmup 1 step
+    assert rows[-1]["teacher_temp"] == pytest.approx(0.07)
+    assert trainer.global_batch == 4 * 3
+    # 4 optimiser updates from 12 micro-batches, and the data position says 12.
+    states = [s for s in trainer.optimizer.state_dict()["state"].values()]
+    assert all(int(s["step"]) == 4 for s in states)
+    rank = torch.load(latest_checkpoint(tmp_path) / "rank_00000.pt", weights_only=False)
+    assert rank["data"] == {"position": 12} and rank["step"] == 4
+
+
+def test_dino_only_with_zero_lr_leaves_teacher_unchanged(tmp_path):
+    cfg = tiny_config(tmp_path, train={"max_steps": 3, "base_lr": 0.0, "min_lr": 0.0},
+                      loss={"ibot_weight": 0.0, "kde_weight": 0.0, "koleo_weight": 0.0})
+    trainer = make_trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    trainer.fit()
+    rows = read_metrics(tmp_path)
+    assert all(r["grad_norm"] > 0 for r in rows)  # gradients flowed, the lr kept them out
+    for k, v in trainer.teacher.state_dict().items():
+        assert torch.equal(before[k], v), k
+
+
+def test_kde_term_alone_spreads_student_embeddings(tmp_path):
+    cfg = tiny_config(tmp_path, train={"max_steps": 12, "base_lr": 2e-2, "min_lr": 2e-2,
+                                       "weight_decay": 0.0, "weight_decay_end": 0.0,
+                                       "layerwise_decay": 1.0, "patch_embed_lr_mult": 1.0},
+                      loss={"dino_weight": 0.0, "ibot_weight": 0.0, "kde_weight": 1.0},
+                      model={"layer_scale_init": 1.0, "drop_path_rate": 0.0})
+    make_trainer(cfg).fit()
+    rows = read_metrics(tmp_path)
+    assert rows[-1]["loss_kde"] < rows[0]["loss_kde"]
+    assert rows[-1]["student_cls_cos"] < rows[0]["student_cls_cos"] - 0.05
+
+
+def test_non_finite_loss_stops_with_step_and_term(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, train={"max_steps": 4, "checkpoint_every": 2})
+    make_trainer(cfg).fit(stop_after=2)
+    good = latest_checkpoint(tmp_path)
+    mtime = (good / "model.pt").stat().st_mtime_ns
+    import midnight_train.ssl as ssl_mod
+
+    monkeypatch.setattr(ssl_mod, "kde_loss", lambda z, *a, **k: z.sum() * float("nan"))
+    cfg.resume = "auto"
+    with pytest.raises(NonFiniteLossError, match=r"step 3: loss=nan, .*loss_kde=nan"):
+        make_trainer(cfg).fit()
+    assert list_checkpoints(tmp_path) == [good]
+    assert (good / "model.pt").stat().st_mtime_ns == mtime
