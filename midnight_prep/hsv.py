@@ -10,6 +10,7 @@ fixed-point division tables OpenCV's `cvtColor(RGB2HSV)` uses, so results match 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,11 +66,28 @@ def _in_bounds(rgb: np.ndarray, bounds: HsvBounds) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _lookup_table(bounds: HsvBounds) -> np.ndarray:
-    """In-bounds flag of all 2^24 colours (16 MB, ~1 s to build once per process): a tile then
-    costs one gather instead of a dozen array passes."""
+    """In-bounds flag of all 2^24 colours (16 MB): a tile then costs one gather instead of a
+    dozen array passes. Building it takes ~1-2 s, so it is cached on disk (2 MB packed) and
+    every later worker process loads it in milliseconds."""
+    from .samples import cache_dir
+
+    h, s, v = bounds.h, bounds.s, bounds.v
+    # v1: bump when _in_bounds changes, so no stale table is ever loaded.
+    path = cache_dir() / f"hsv-lut-v1-{h[0]}-{h[1]}-{s[0]}-{s[1]}-{v[0]}-{v[1]}.npy"
+    try:
+        return np.unpackbits(np.load(path), count=1 << 24).astype(bool)
+    except (OSError, ValueError):
+        pass
     r, g, b = np.meshgrid(np.arange(256, dtype=np.uint8), np.arange(256, dtype=np.uint8),
                           np.arange(256, dtype=np.uint8), indexing="ij")
-    return _in_bounds(np.stack([r, g, b], axis=-1), bounds).reshape(-1)
+    table = _in_bounds(np.stack([r, g, b], axis=-1), bounds).reshape(-1)
+    try:  # write-then-rename: concurrent workers never read a half-written table
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+        np.save(tmp, np.packbits(table))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the rebuild
+    return table
 
 
 def hsv_mask(rgb: np.ndarray, bounds: HsvBounds = DEFAULT_BOUNDS) -> np.ndarray:

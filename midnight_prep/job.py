@@ -28,7 +28,14 @@ MASK_CELLS_PER_TILE = 4
 # A slide whose reads keep failing is given up after this many (a truncated file, say).
 MAX_READ_ERRORS = 20
 
+# Candidates are drawn, read and filtered in chunks of at most this many (see _sample_slide).
+CHUNK = 256
+
 Progress = Callable[[str, int], None]
+
+
+def _count(report: SlideReport, reason: str) -> None:
+    report.rejected[reason] = report.rejected.get(reason, 0) + 1
 
 
 @dataclass
@@ -84,41 +91,59 @@ def _sample_slide(slide: Slide, spec: SlideSpec, params: BuildParams, report: Sl
         budget = int(params.read_budget_factor * quota) + 64
         seen: set[tuple[int, int]] = set()
         written = 0
-        for x0, y0, frac in positions:
-            if written >= quota or budget <= 0:
+        while written < quota and budget > 0:
+            # Draw a chunk of distinct candidates (on the level's pixel grid) in random order.
+            chunk: list[tuple[int, int, float]] = []
+            want = min(CHUNK, max(8, (quota - written) * 3 // 2))
+            for x0, y0, frac in positions:
+                budget -= 1  # duplicates count too: a tiny slide must not loop forever
+                xl = min(int(x0 / ds), level.width - read_size)
+                yl = min(int(y0 / ds), level.height - read_size)
+                if (xl, yl) in seen:
+                    _count(report, "duplicate")
+                else:
+                    seen.add((xl, yl))
+                    chunk.append((xl, yl, frac))
+                if len(chunk) >= want or budget <= 0:
+                    break
+            if not chunk:
                 break
-            # Read on the chosen level's pixel grid; record the level-0 corner of what was read.
-            xl = min(int(x0 / ds), level.width - read_size)
-            yl = min(int(y0 / ds), level.height - read_size)
-            budget -= 1  # duplicates count too: a tiny slide must not loop forever
-            if (xl, yl) in seen:
-                report.rejected["duplicate"] = report.rejected.get("duplicate", 0) + 1
-                continue
-            seen.add((xl, yl))
-            try:
-                region = slide.read_level(level.index, xl, yl, read_size, read_size)
-            except SlideError as e:
-                report.rejected["read_error"] = report.rejected.get("read_error", 0) + 1
-                read_errors += 1
-                if read_errors >= MAX_READ_ERRORS:
-                    raise SlideError(f"gave up after {read_errors} failed reads; last: {e}") from e
-                continue
-            tile = downscale(region, params.tile_size)
-            hf = hsv_fraction(tile)
-            if hf < params.hsv_min_fraction:
-                report.rejected["hsv"] = report.rejected.get("hsv", 0) + 1
-                continue
-            x, y = round(xl * ds), round(yl * ds)
-            meta = {
-                "slide_id": spec.slide_id, "source": spec.path, "mpp": mpp, "x": x, "y": y,
-                "extent": round(read_size * ds, 3), "level": level.index, "read_size": read_size,
-                "tile_size": params.tile_size, "foreground": round(frac, 4),
-                "hsv_fraction": round(hf, 4), "group": spec.group, "seed": params.seed,
-            }
-            emit(shards.sample_key(spec.slide_id, mpp, x, y), encode_jpeg(tile, params.jpeg_quality), meta)
-            written += 1
-            if progress:
-                progress("tiles", 1)
+            # Read in raster order, so overlapping reads share cached source tiles ...
+            results: list = [None] * len(chunk)
+            for i in sorted(range(len(chunk)), key=lambda i: (chunk[i][1] // read_size, chunk[i][0])):
+                xl, yl, _ = chunk[i]
+                try:
+                    region = slide.read_level(level.index, xl, yl, read_size, read_size)
+                except SlideError as e:
+                    results[i] = e
+                    read_errors += 1
+                    if read_errors >= MAX_READ_ERRORS:
+                        raise SlideError(f"gave up after {read_errors} failed reads; last: {e}") from e
+                    continue
+                tile = downscale(region, params.tile_size)
+                results[i] = (tile, hsv_fraction(tile))
+            # ... but accept in draw order, so stopping at the quota favours no part of the slide.
+            for (xl, yl, frac), result in zip(chunk, results):
+                if written >= quota:
+                    break
+                if isinstance(result, SlideError):
+                    _count(report, "read_error")
+                    continue
+                tile, hf = result
+                if hf < params.hsv_min_fraction:
+                    _count(report, "hsv")
+                    continue
+                x, y = round(xl * ds), round(yl * ds)
+                meta = {
+                    "slide_id": spec.slide_id, "source": spec.path, "mpp": mpp, "x": x, "y": y,
+                    "extent": round(read_size * ds, 3), "level": level.index, "read_size": read_size,
+                    "tile_size": params.tile_size, "foreground": round(frac, 4),
+                    "hsv_fraction": round(hf, 4), "group": spec.group, "seed": params.seed,
+                }
+                emit(shards.sample_key(spec.slide_id, mpp, x, y), encode_jpeg(tile, params.jpeg_quality), meta)
+                written += 1
+                if progress:
+                    progress("tiles", 1)
         report.written[mkey] = written
 
 

@@ -89,7 +89,7 @@ class _LRU(OrderedDict):
 class TiffTileReader:
     """Decode only the TIFF tiles a region touches. Levels it cannot serve map to None."""
 
-    def __init__(self, path: str, levels: list[Level], cache_tiles: int = 64):
+    def __init__(self, path: str, levels: list[Level], cache_tiles: int = 256):
         import tifffile
 
         self._tif = tifffile.TiffFile(path)
