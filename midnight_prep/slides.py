@@ -223,7 +223,8 @@ class Slide:
             img = self._osr.read_region((round(x * ds), round(y * ds)), level, (w, h))
             return _rgba_to_rgb(img)
         except (openslide.OpenSlideError, OSError, ValueError, RuntimeError) as e:
-            raise SlideError(f"cannot read level {level} at ({x}, {y}) size {w}x{h}: {e}") from e
+            raise SlideError(f"cannot read level {level} at ({x}, {y}) size {w}x{h}: {e}; the file "
+                             "is probably damaged or truncated: copy or export it again") from e
 
     def thumbnail_strips(self, mpp: float, rows_per_strip: int = 1024):
         """Yield (row offset, RGB strip) of the whole slide downscaled to ``mpp`` (box filter),
