@@ -19,7 +19,7 @@ from . import shards
 from .hsv import hsv_fraction
 from .plan import BuildParams, JobSpec, SlideSpec
 from .sampling import candidate_positions, slide_rng
-from .slides import Slide, SlideError, downscale
+from .slides import Slide, SlideError, downscale, read_size_for
 from .tissue import ForegroundMap, tissue_mask
 
 # The smallest tile should cover about this many mask pixels across (>= 3 needed for the
@@ -83,7 +83,7 @@ def _sample_slide(slide: Slide, spec: SlideSpec, params: BuildParams, report: Sl
                 "(never upsampled)")
             continue
         extent = params.tile_size * mpp / slide.mpp  # level-0 pixels
-        read_size = round(params.tile_size * mpp / level.mpp)
+        read_size = read_size_for(params.tile_size, mpp, level.mpp)
         ds = level.downsample
         rng = slide_rng(params.seed, spec.slide_id, mpp)
         positions = candidate_positions(fg, slide.width, slide.height, extent, params.foreground,

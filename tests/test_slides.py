@@ -110,3 +110,14 @@ def test_thumbnail_strips_cover_the_slide(slide_dir):
         assert len(strips) > 1
         rgb = np.concatenate([st for _, st in strips])
         assert rgb.shape == (s.height * 0.25 // 16, s.width * 0.25 // 16, 3)
+
+
+def test_read_size_snaps_only_within_one_percent():
+    from midnight_prep.slides import read_size_for
+
+    assert read_size_for(256, 0.5, 0.25) == 512
+    assert read_size_for(256, 0.5, 0.499) == 256  # 256.5: a copy, not a 0.2 % Lanczos resize
+    assert read_size_for(256, 2.0, 0.499) == 1024  # 1026: an exact 4x box reduction
+    assert read_size_for(256, 1.0, 0.253) == 1012  # 1.2 % off 1024: not snapped
+    assert read_size_for(256, 0.25, 0.26) == 246  # within the level tolerance: a slight upsample
+    assert read_size_for(512, 0.125, 0.125) == 512
