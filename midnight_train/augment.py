@@ -45,6 +45,7 @@ RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57
                             dtype=torch.float64)
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 LOG_ADJUST = math.log(1e-6)
+LOG2_ADJUST = math.log2(1e-6)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
 
 
@@ -70,21 +71,74 @@ class AugmentConfig:
     std: tuple[float, float, float] | list[float] = (0.229, 0.224, 0.225)
 
 
+def _hed_log2_affine(alpha: torch.Tensor, beta: torch.Tensor, device: torch.device,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-image map of `hed_jitter` in log2 space, for channels-first pixels [B, 3, HW]:
+    log2 rgb' = matrix @ log2 rgb + shift, returned as (matrix [B, 3 out, 3 in], shift [B, 3, 1]).
+
+    With M = hed_from_rgb, R = M⁻¹ = rgb_from_hed (row vectors, skimage's convention) and
+    od = ln(rgb) / ln(1e-6): stains = od M, stains' = stains diag(α) + β, ln rgb' = ln(1e-6) stains' R
+    = ln(rgb) (M diag(α) R) + ln(1e-6) β R. The base change to log2 divides both sides by ln 2,
+    so the matrix is unchanged and only the shift is scaled (exp2/log2 are cheaper than exp/log)."""
+    alpha64 = alpha.to(device, torch.float64)
+    beta64 = beta.to(device, torch.float64)
+    h2r, r2h = RGB_FROM_HED.to(device), HED_FROM_RGB.to(device)
+    matrix = (r2h[None] * alpha64[:, None, :]) @ h2r  # [B, 3 in, 3 out]
+    shift = LOG2_ADJUST * (beta64 @ h2r)  # [B, 3 out]
+    return matrix.transpose(1, 2).to(dtype).contiguous(), shift.to(dtype)[:, :, None]
+
+
+def _log2_lut(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """log2(max(v / 255, 1e-6)) for v = 0…255 (computed in float64)."""
+    key = (str(device), dtype)
+    lut = _LUT_CACHE.get(key)
+    if lut is None:
+        v = torch.arange(256, dtype=torch.float64) / 255
+        lut = _LUT_CACHE[key] = v.clamp_min(1e-6).log2().to(device, dtype)
+    return lut
+
+
+_LUT_CACHE: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+_CPU_CHUNK_PIXELS = 1 << 17  # pixels per step on the CPU: the step's buffers stay in L2/L3
+
+
 def hed_jitter(images: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Scale/shift stain concentrations: images float [B, 3, H, W] in [0, 1], alpha/beta [B, 3]
-    in H, E, D order (units in the module docstring). α = 1, β = 0 is the identity (up to the
-    1e-6 floor). The whole round trip is one per-image 3×3 product in log space:
-    log rgb' = log rgb · (hed_from_rgb · diag(α) · rgb_from_hed) + log(1e-6) · β · rgb_from_hed."""
-    dtype = images.dtype
-    h2r = RGB_FROM_HED.to(images.device)
-    r2h = HED_FROM_RGB.to(images.device)
-    alpha64, beta64 = alpha.to(images.device, torch.float64), beta.to(images.device, torch.float64)
-    matrix = (r2h[None] * alpha64[:, None, :]) @ h2r  # [B, 3 in, 3 out]
-    shift = LOG_ADJUST * (beta64 @ h2r)  # [B, 3]
-    b, _, h, w = images.shape
-    log_rgb = images.clamp_min(1e-6).log_().reshape(b, 3, h * w)
-    out = torch.baddbmm(shift.to(dtype)[:, :, None], matrix.to(dtype).transpose(1, 2), log_rgb)
-    return out.exp_().clamp_max_(1).reshape(b, 3, h, w)  # exp > 0: only the top needs clipping
+    in H, E, D order (units in the module docstring); returns float [B, 3, H, W] in [0, 1]. α = 1,
+    β = 0 is the identity (up to the 1e-6 floor). uint8 images (values v/255) are accepted too and
+    return float32: their log comes from a 256-entry table instead of a per-pixel log.
+
+    The whole round trip is one per-image 3×3 product in log space (`_hed_log2_affine`): per pixel
+    one log (or table look-up), one batched 3×3 matmul + bias, one exp and the clip at 1 (exp > 0,
+    so only the top needs clipping). On the CPU the batch is processed a few images at a time
+    through reused buffers, so that every pass runs in cache and no temporary is page-faulted in."""
+    b, c, h, w = images.shape
+    if c != 3:
+        raise ValueError(f"hed_jitter expects RGB images [B, 3, H, W], got {tuple(images.shape)}")
+    dev = images.device
+    from_uint8 = images.dtype == torch.uint8
+    dtype = torch.float32 if from_uint8 else images.dtype
+    matrix, shift = _hed_log2_affine(alpha, beta, dev, dtype)
+    src = images.reshape(b, 3, h * w)
+    out = torch.empty((b, 3, h * w), dtype=dtype, device=dev)
+    step = max(1, _CPU_CHUNK_PIXELS // (h * w)) if dev.type == "cpu" else b
+    n = min(step, b)
+    logs = torch.empty((n, 3, h * w), dtype=dtype, device=dev)
+    if from_uint8:
+        lut = _log2_lut(dev, dtype)
+        index = torch.empty((n, 3 * h * w), dtype=torch.int32, device=dev)
+    for i in range(0, b, step):
+        j = min(i + step, b)
+        lg, o = logs[: j - i], out[i:j]
+        if from_uint8:
+            ix = index[: j - i]
+            ix.copy_(src[i:j].reshape(j - i, -1))
+            torch.index_select(lut, 0, ix.view(-1), out=lg.view(-1))
+        else:
+            torch.clamp_min(src[i:j], 1e-6, out=lg).log2_()
+        torch.baddbmm(shift[i:j], matrix[i:j], lg, out=o)
+        o.exp2_().clamp_max_(1)
+    return out.view(b, 3, h, w)
 
 
 def _as3(value: float | list[float], device: torch.device) -> torch.Tensor:
@@ -128,8 +182,8 @@ def _saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 def _hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """Rotate hue by f (fraction of a turn) via HSV, as torchvision's adjust_hue."""
     r, g, b = x.unbind(1)
-    maxc, _ = x.max(1)
-    minc, _ = x.min(1)
+    maxc = x.amax(1)
+    minc = x.amin(1)
     delta = maxc - minc
     safe = torch.where(delta > 0, delta, torch.ones_like(delta))
     h = torch.where(maxc == r, (g - b) / safe, torch.where(maxc == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
@@ -167,7 +221,8 @@ class ColorAugment:
 
     def augment(self, x: torch.Tensor, blur_p: torch.Tensor, solarize_p: torch.Tensor,
                 gen: torch.Generator) -> torch.Tensor:
-        """Steps 1–5 on float images [n, 3, H, W] in [0, 1] with per-image blur/solarize p."""
+        """Steps 1–5 on images [n, 3, H, W] (uint8, or float in [0, 1]) with per-image blur/solarize
+        p; returns float in [0, 1]. uint8 input goes straight into `hed_jitter`'s table path."""
         cfg, n, dev = self.cfg, x.shape[0], x.device
         # Draw everything first, in a fixed order, so the sequence never depends on the data.
         hed_on = self._rand(gen, n) < cfg.hed_p
@@ -186,7 +241,10 @@ class ColorAugment:
         alpha = torch.where(hed_on[:, None], alpha, torch.ones_like(alpha))
         beta = torch.where(hed_on[:, None], beta, torch.zeros_like(beta))
         if bool(hed_on.any()):
-            x = hed_jitter(x, alpha, beta)
+            x = hed_jitter(x, alpha, beta)  # a new tensor
+        else:
+            x = x.float().div_(255) if x.dtype == torch.uint8 else x.clone()
+        # x is this call's own tensor from here on: each step rewrites only its crops, in place
         factors = torch.stack([1 + u[:, 0] * cfg.brightness, 1 + u[:, 1] * cfg.contrast,
                                1 + u[:, 2] * cfg.saturation, u[:, 3] * cfg.hue], 1).to(x.dtype)
         ops = (_brightness, _contrast, _saturation, _hue)
@@ -194,32 +252,45 @@ class ColorAugment:
             for op_index, op in enumerate(ops):
                 idx = torch.nonzero(jitter_on & (order[:, step] == op_index)).flatten()
                 if idx.numel():
-                    x = x.index_copy(0, idx, op(x[idx], factors[idx, op_index]))
-        x = torch.where(gray_on[:, None, None, None], _gray(x).expand_as(x), x)
+                    x.index_copy_(0, idx, op(x[idx], factors[idx, op_index]))
+        idx = torch.nonzero(gray_on).flatten()
+        if idx.numel():
+            x.index_copy_(0, idx, _gray(x[idx]).expand(-1, 3, -1, -1))
         idx = torch.nonzero(blur_on).flatten()
         if idx.numel():
-            x = x.index_copy(0, idx, gaussian_blur(x[idx], sigma[idx], hi))
-        flip = solarize_on[:, None, None, None] & (x >= 128 / 255)
-        return torch.where(flip, 1 - x, x)
+            x.index_copy_(0, idx, gaussian_blur(x[idx], sigma[idx], hi))
+        idx = torch.nonzero(solarize_on).flatten()
+        if idx.numel():
+            sel = x[idx]
+            x.index_copy_(0, idx, torch.where(sel >= 128 / 255, 1 - sel, sel))
+        return x
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         mean = torch.tensor(self.cfg.mean, dtype=x.dtype, device=x.device)[None, :, None, None]
         std = torch.tensor(self.cfg.std, dtype=x.dtype, device=x.device)[None, :, None, None]
         return (x - mean) / std
 
+    def _normalize_(self, x: torch.Tensor) -> torch.Tensor:
+        """`normalize` in place, for the tensors `augment` returns (its own)."""
+        mean = torch.tensor(self.cfg.mean, dtype=x.dtype, device=x.device)[None, :, None, None]
+        std = torch.tensor(self.cfg.std, dtype=x.dtype, device=x.device)[None, :, None, None]
+        return x.sub_(mean).div_(std)
+
     def __call__(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:
         cfg = self.cfg
         g, loc = batch["global_crops"], batch["local_crops"]
         b = g.shape[1]
-        xg = g.flatten(0, 1).float().div_(255)
-        xl = loc.flatten(0, 1).float().div_(255)
+        # uint8 crops go to `augment` as they are (HED reads them through a table); anything else
+        # holds 0…255 values as well and is scaled here
+        xg, xl = (x if x.dtype == torch.uint8 else x.float() / 255  # never in place: the batch's
+                  for x in (g.flatten(0, 1), loc.flatten(0, 1)))
         dev = generator.device
         blur_g = torch.cat([torch.full((b,), cfg.blur_p_global1, device=dev),
                             torch.full((b,), cfg.blur_p_global2, device=dev)])
         sol_g = torch.cat([torch.zeros(b, device=dev), torch.full((b,), cfg.solarize_p_global2, device=dev)])
         n_local = xl.shape[0]
         out = dict(batch)
-        out["global_crops"] = self.normalize(self.augment(xg, blur_g, sol_g, generator))
-        out["local_crops"] = self.normalize(self.augment(
+        out["global_crops"] = self._normalize_(self.augment(xg, blur_g, sol_g, generator))
+        out["local_crops"] = self._normalize_(self.augment(
             xl, torch.full((n_local,), cfg.blur_p_local, device=dev), torch.zeros(n_local, device=dev), generator))
         return out

@@ -1,4 +1,5 @@
-"""`midnight-train` command line. Commands: `data preview` (here); the trainer adds fit/export/embed."""
+"""`midnight-train` command line. Commands: `data inspect`, `data preview` (here); the trainer adds
+fit/export/embed."""
 
 from __future__ import annotations
 
@@ -17,6 +18,28 @@ def main() -> None:
 @main.group()
 def data() -> None:
     """Inspect the training input pipeline."""
+
+
+@data.command()
+@click.argument("source")
+@click.option("--samples", "n_samples", default=200, show_default=True,
+              help="Read the JSON and decode the JPEG of this many samples (from the first shards).")
+@click.option("--count-shards", default=16, show_default=True,
+              help="Without manifests, count the samples of at most this many shards.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(source: str, n_samples: int, count_shards: int, as_json: bool) -> None:
+    """Summarise a shard SOURCE: shards found, samples per shard (from the shard builder's
+    manifests when present, else by counting), groups and µm/px of the first samples, and the
+    damaged/skipped samples met on the way."""
+    import json
+
+    from midnight_train.preview import format_inspection, inspect_source
+
+    try:
+        info = inspect_source(source, n_samples=n_samples, count_shards=count_shards)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(json.dumps(info, indent=1) if as_json else format_inspection(info))
 
 
 @data.command()

@@ -33,7 +33,7 @@ def _add_block(mask: np.ndarray, rng: np.random.Generator, max_new: int, min_pat
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
             block = mask[top : top + h, left : left + w]
-            new = h * w - int(block.sum())
+            new = h * w - int(np.count_nonzero(block))
             if 0 < new <= max_new:
                 block[...] = True
                 return new

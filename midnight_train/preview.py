@@ -1,19 +1,103 @@
-"""A PNG grid to sanity-check augmentation: per sample, the original tile, then its two augmented
-global crops and its local crops, exactly as the training pipeline produces them."""
+"""What a user looks at before training: `inspect_source` (shard/sample counts, groups, µm/px,
+damage) and a PNG grid to sanity-check augmentation: per sample, the original tile, then its two
+augmented global crops and its local crops, exactly as the training pipeline produces them."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from midnight_train.augment import AugmentConfig, ColorAugment
-from midnight_train.data import DataConfig, SampleStream, list_shards
+from midnight_train.data import (
+    Counters,
+    DataConfig,
+    SampleStream,
+    decode_tile,
+    list_shards,
+    manifest_counts,
+    shard_records,
+)
 
 PAD = 4
+
+
+def inspect_source(source: str, *, n_samples: int = 200, count_shards: int = 16) -> dict[str, Any]:
+    """A summary of a shard source (JSON-serialisable): the shards found; samples per shard from
+    the shard builder's manifests when present, else counted by reading up to `count_shards`
+    shards; the `group` and `mpp` (µm/px) values of the first `n_samples` samples' JSON, whose
+    JPEGs are also decoded; and what was skipped on the way, by the loader's reasons (plus
+    `bad_json` for a sample whose JSON does not parse)."""
+    shards = list_shards(source)
+    listed = manifest_counts(source) if isinstance(source, str) else None
+    counters = Counters()
+    counts: dict[str, int] = {}
+    if listed is not None and all(listed.get(u) is not None for u in shards):
+        counted_from = "manifests"
+        counts = {u: int(listed[u]) for u in shards}  # type: ignore[arg-type]
+    else:
+        counted_from = "reading"
+        for url in shards[:count_shards]:
+            counts[url] = sum(1 for _ in shard_records(url, 1, 0, None, counters))
+    groups: Counter[str] = Counter()
+    mpps: Counter[str] = Counter()
+    seen = bad_json = 0
+    for url in shards:
+        if seen >= n_samples:
+            break
+        for record in shard_records(url, 1, 0, None, counters):
+            if seen >= n_samples:
+                break
+            seen += 1
+            try:
+                meta = json.loads(record["json"])
+                if not isinstance(meta, dict):
+                    raise ValueError("not an object")
+            except Exception:
+                bad_json += 1
+                meta = {}
+            groups[str(meta.get("group"))] += 1
+            mpps[str(meta.get("mpp"))] += 1
+            try:
+                decode_tile(record["jpg"])
+            except Exception as exn:
+                counters.skip("decode_error", f"{url}: {record['__key__']}: {exn!r}")
+    per_shard = list(counts.values())
+    return {
+        "source": source, "shards": len(shards),
+        "samples": {"from": counted_from, "shards_counted": len(per_shard), "total": sum(per_shard),
+                    "min": min(per_shard, default=0), "max": max(per_shard, default=0),
+                    "mean": sum(per_shard) / len(per_shard) if per_shard else 0.0,
+                    "per_shard": counts},
+        "first_samples": seen, "groups": dict(groups.most_common()),
+        "mpp": dict(sorted(mpps.items())),
+        "skipped": {**counters.counts, "bad_json": bad_json},
+    }
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    """The human-readable form of `inspect_source`'s summary."""
+    s = info["samples"]
+    lines = [f"source: {info['source']}", f"shards: {info['shards']}"]
+    if s["shards_counted"]:
+        how = "from manifests" if s["from"] == "manifests" else f"counted in {s['shards_counted']} shard(s)"
+        lines.append(f"samples per shard ({how}): min {s['min']}, mean {s['mean']:.1f}, max {s['max']}; "
+                     f"total {s['total']}")
+    n = info["first_samples"]
+
+    def share(counts: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v} ({100 * v / max(n, 1):.0f}%)" for k, v in counts.items()) or "-"
+
+    lines.append(f"first {n} samples: groups: {share(info['groups'])}")
+    lines.append(f"first {n} samples: µm/px: {share(info['mpp'])}")
+    lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in info["skipped"].items()))
+    return "\n".join(lines)
 
 
 def _to_uint8(x: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarray:

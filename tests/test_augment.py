@@ -61,10 +61,36 @@ def test_hed_matches_float64_reference(tiles, sigma):
     rgb = tiles / 255.0
     out = hed_jitter(to_tensor(rgb), alpha, beta)
     ref = hed_reference(rgb, alpha.double().numpy(), beta.double().numpy())
-    assert (out.permute(0, 2, 3, 1).double().numpy() - ref).max() < 1 / 255
+    assert np.abs(out.permute(0, 2, 3, 1).double().numpy() - ref).max() < 1 / 255
     assert out.shape == (6, 3, 64, 64) and out.min() >= 0 and out.max() <= 1
     if sigma[0] >= 0.25:
         assert (out - to_tensor(rgb)).abs().mean() > 0.01  # it does change the stain
+
+
+def test_hed_uint8_table_path_matches_float_path_and_reference(tiles):
+    alpha, beta = sample_hed_params(6, 0.5, 0.05, torch.Generator().manual_seed(3))
+    u8 = torch.from_numpy(tiles).permute(0, 3, 1, 2)
+    out = hed_jitter(u8, alpha, beta)
+    assert out.dtype == torch.float32 and out.shape == (6, 3, 64, 64)
+    # same transform: only float32 rounding between the table log and the per-pixel log
+    assert (out - hed_jitter(u8.float() / 255, alpha, beta)).abs().max() < 1e-5
+    ref = hed_reference(tiles / 255.0, alpha.double().numpy(), beta.double().numpy())
+    assert np.abs(out.permute(0, 2, 3, 1).double().numpy() - ref).max() < 1 / 255
+    identity = hed_jitter(u8, torch.ones(6, 3), torch.zeros(6, 3))
+    assert (identity - u8 / 255).abs().max() < 1e-5
+    zeros = hed_jitter(torch.zeros(1, 3, 2, 2, dtype=torch.uint8), torch.ones(1, 3), torch.zeros(1, 3))
+    assert zeros.max() < 2e-6  # black goes through the 1e-6 floor, not log(0)
+
+
+def test_hed_chunked_cpu_path_equals_one_pass(tiles, monkeypatch):
+    alpha, beta = sample_hed_params(6, 0.25, 0.01, torch.Generator().manual_seed(4))
+    u8 = torch.from_numpy(tiles).permute(0, 3, 1, 2)
+    whole = [hed_jitter(u8, alpha, beta), hed_jitter(u8.double() / 255, alpha, beta)]
+    monkeypatch.setattr(augment, "_CPU_CHUNK_PIXELS", 4 * 64 * 64)  # chunks of 4 + a remainder of 2
+    parts = [hed_jitter(u8, alpha, beta), hed_jitter(u8.double() / 255, alpha, beta)]
+    assert parts[1].dtype == torch.float64
+    for a, b in zip(whole, parts, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_hed_params_ranges():

@@ -1,6 +1,9 @@
-"""`midnight-train data preview` writes the augmentation grid from real shards."""
+"""`midnight-train data preview` writes the augmentation grid from real shards; `data inspect`
+summarises a shard source."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import shardkit
@@ -32,3 +35,34 @@ def test_preview_writes_grid_of_originals_and_crops(tmp_path, cmu_slide):
 def test_preview_requires_a_source(tmp_path):
     result = CliRunner().invoke(main, ["data", "preview", "--out", str(tmp_path / "p.png")])
     assert result.exit_code != 0 and "SOURCE" in result.output
+
+
+def test_inspect_counts_shards_samples_groups_mpp_and_damage(tmp_path, cmu_slide):
+    out = tmp_path / "out"
+    paths = shardkit.make_shards(out / "shards", cmu_slide, n_shards=2, per_shard=5, tile_size=32, group="nki")
+    good = shardkit.read_tar(paths[0])
+    shardkit.write_tar(out / "shards" / "damaged.tar", [
+        ("bad_jpeg", {"jpg": b"not a jpeg", "json": good[0][1]["json"]}),
+        ("bad_json", {"jpg": good[1][1]["jpg"], "json": b"{oops"}),
+        ("no_jpg", {"json": b"{}"}),
+    ])
+    runner = CliRunner()
+    # no manifests: every *.tar below the directory, counted by reading
+    result = runner.invoke(main, ["data", "inspect", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["shards"] == 3 and info["samples"]["from"] == "reading"
+    assert sorted(info["samples"]["per_shard"].values()) == [2, 5, 5]  # the member without .jpg is skipped
+    assert info["first_samples"] == 12
+    assert info["groups"] == {"nki": 11, "None": 1} and info["mpp"] == {str(shardkit.MPP): 11, "None": 1}
+    assert info["skipped"]["decode_error"] == 1 and info["skipped"]["bad_json"] == 1
+    assert info["skipped"]["malformed"] >= 1
+    # with the builder's manifests: counts come from them, and the human-readable form
+    shardkit.write_manifest(out, 0, paths, [5, 5])
+    result = runner.invoke(main, ["data", "inspect", str(out), "--samples", "3"])
+    assert result.exit_code == 0, result.output
+    assert "shards: 2" in result.output and "(from manifests): min 5, mean 5.0, max 5; total 10" in result.output
+    assert "first 3 samples: groups: nki 3 (100%)" in result.output
+    assert f"µm/px: {shardkit.MPP} 3 (100%)" in result.output and "decode_error 0" in result.output
+    missing = runner.invoke(main, ["data", "inspect", str(tmp_path / "nothing-")])
+    assert missing.exit_code != 0 and "no shards found" in missing.output
