@@ -26,7 +26,7 @@ from midnight_prep.hsv import hsv_fraction
 from midnight_prep.job import encode_jpeg, process_slide
 from midnight_prep.plan import BuildParams, SlideSpec, mpp_key
 from midnight_prep.samples import cache_dir, cmu_small_region, cmu_tissue, write_pyramid
-from midnight_prep.slides import Slide, TiffTileReader, downscale
+from midnight_prep.slides import Slide, TiffTileReader
 
 MPPS = (2.0, 1.0, 0.5, 0.25)
 TILE = 256
