@@ -1,28 +1,48 @@
-"""Student+teacher training-step time, throughput, peak memory and MFU.
+"""Student+teacher training-step time, throughput, peak memory and model FLOP/s (MFU on a GPU),
+side by side with the bare backbone forward+backward of the same crops as the baseline.
 
-    python bench/train_step.py                 # CPU: ViT-S/14 and ViT-B/14, small batch
-    python bench/train_step.py --gpu           # GPU: ViT-B/14 batch 64, ViT-g/14 batch 12 (bf16,
-                                               #      activation checkpointing), MFU vs bf16 peak
-    python bench/train_step.py --arch vit_base_patch14_dinov2 --batch 8 --steps 5
+    python bench/train_step.py                 # CPU: ViT-S/14 and ViT-B/14, batch 4
+    python bench/train_step.py --quick         # the same, fewer steps
+    python bench/train_step.py --gpu           # GPU: ViT-B/14 batch 64 (bf16), ViT-g/14 batch 12
+                                               #      (bf16, activation checkpointing), MFU
+    python bench/train_step.py --arch vit_base_patch14_dinov2 --batch 8 --steps 5   # one row
 
-One full optimiser step of the real trainer (teacher forward on 2 global crops, student forward +
-backward on 2 global + N local crops, DINO + iBOT + KDE losses, AdamW, EMA) on synthetic batches
-already on the device, so the data pipeline is not part of the figure. Each configuration runs in
-its own process so that the peak memory is its own. MFU = model FLOPs per step (student forward +
-backward, teacher forward; counted by torch's FlopCounterMode, without the recomputation of
-activation checkpointing) / step time / the GPU's dense bf16 peak.
+Two rows per model, each in its own process (so that the peak memory is its own):
+
+- ``train step``: one full optimiser step of the real trainer (teacher forward on 2 global crops,
+  student forward + backward on 2 global + N local crops, DINO + iBOT + KDE losses with the
+  65k/131k-prototype heads and Sinkhorn-Knopp, gradient clipping, AdamW, EMA, metrics) on a
+  synthetic batch already on the device, so the data pipeline is not part of the figure.
+- ``backbone only``: the same backbone work without heads, losses, optimiser or EMA: the teacher
+  backbone forward on the global crops and the student backbone forward + backward on all crops
+  (same masks, drop path, precision and checkpointing). ``x backbone`` = step time / this time:
+  everything above 1 is the cost of the SSL machinery.
+
+Step time is the median of ``--steps`` steps after ``--warmup`` steps. Model FLOPs per step are
+counted by torch's FlopCounterMode (student forward + backward incl. heads, teacher forward;
+matmuls, convolutions and attention; without the recomputation of activation checkpointing), one
+sample at a time so that even ViT-g needs no activation memory for it. MFU = model FLOP/s / the
+GPU's dense bf16 peak. Peak memory is the process's peak RSS on CPU and
+``torch.cuda.max_memory_allocated`` on a GPU.
+
+On a shared CPU, run with as many threads as there are idle cores (``OMP_NUM_THREADS``): OpenMP
+threads that have to wait for a core make every op as slow as a scheduler time slice, so the step
+time then grows with the number of ops instead of the FLOPs (ViT-S and ViT-B look alike).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,9 +51,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from midnight_train.config import Config, LossConfig, TrainConfig  # noqa: E402
-from midnight_train.models import ModelConfig  # noqa: E402
+from midnight_train.models import Backbone, ModelConfig, create_vit  # noqa: E402
 
-BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s; the first matching name wins.
+BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
+                    ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0),
+                    ("L4", 121.0), ("A10", 125.0)]
 
 
 @dataclass
@@ -53,7 +76,7 @@ class SyntheticLoader:
         b, gs, ls = cfg.batch_size, cfg.global_crop_size, cfg.local_crop_size
         n = (gs // cfg.patch_size) ** 2
         masks = torch.rand(2 * b, n, generator=g) < 0.3
-        masks[::2] = False
+        masks[::2] = False  # half of the images unmasked, as DINOv2
         self.batch = {"global_crops": torch.randn(2 * b, 3, gs, gs, generator=g),
                       "local_crops": torch.randn(cfg.n_local_crops * b, 3, ls, ls, generator=g),
                       "masks": masks}
@@ -75,112 +98,263 @@ def identity_augment(batch, generator):
     return batch
 
 
-def model_flops(trainer, batch) -> float:
-    """FLOPs of one step's model work, counted at batch 1 and scaled (linear in the batch)."""
-    from torch.utils.flop_counter import FlopCounterMode
+# ----------------------------------------------------------------------------- FLOPs
 
-    student = trainer.accelerator.unwrap_model(trainer.student)
-    b = batch["global_crops"].shape[0] // 2
+
+def _flop_counter():
+    """FlopCounterMode that also counts the CPU flash-attention kernels (torch counts only the
+    CUDA ones), so that CPU and GPU figures mean the same."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    mapping = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        def fwd(q, k, v, *args, out_shape=None, **kwargs):
+            return fc.sdpa_flop_count(q, k, v)
+
+        def bwd(grad_out, q, k, v, *args, out_shape=None, **kwargs):
+            return fc.sdpa_backward_flop_count(grad_out, q, k, v)
+
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu] = fwd
+        mapping[aten._scaled_dot_product_flash_attention_for_cpu_backward] = bwd
+    return fc.FlopCounterMode(display=False, custom_mapping=mapping)
+
+
+def per_sample(batch: dict, b: int):
+    """Sample j's rows of a multi-crop batch (crop-major layout: row ``c * b + j`` is crop c of
+    sample j). Every model FLOP is per row, so the per-sample counts add up to the batch's."""
     n_local = batch["local_crops"].shape[0] // b
-    one = {"global_crops": batch["global_crops"][:2], "local_crops": batch["local_crops"][:n_local],
-           "masks": batch["masks"][:2]}
-    saved = student.backbone.vit.grad_checkpointing
-    student.backbone.vit.set_grad_checkpointing(False)
+    for j in range(b):
+        yield {"global_crops": batch["global_crops"][j::b], "masks": batch["masks"][j::b],
+               "local_crops": batch["local_crops"][j::b] if n_local else batch["local_crops"][:0]}
+
+
+def count_flops(work, batch: dict, b: int, vit) -> float:
+    saved = vit.grad_checkpointing
+    vit.set_grad_checkpointing(False)  # model FLOPs: no recomputation
     try:
-        with FlopCounterMode(display=False) as counter, trainer.accelerator.autocast():
-            losses, _ = trainer.objective(student, trainer.teacher, one, 0.07)
-            losses["loss"].backward()
-        student.zero_grad(set_to_none=True)
+        with _flop_counter() as counter:
+            for one in per_sample(batch, b):
+                work(one)
     finally:
-        student.backbone.vit.set_grad_checkpointing(saved)
-    return float(counter.get_total_flops()) * b
+        vit.set_grad_checkpointing(saved)
+    return float(counter.get_total_flops())
 
 
-def run_one(args) -> dict:
-    from midnight_train.trainer import Trainer
+# ----------------------------------------------------------------------------- one row
 
-    gpu = torch.cuda.is_available() and not args.cpu
-    data = BenchData(batch_size=args.batch, global_crop_size=args.global_size,
-                     local_crop_size=args.local_size, n_local_crops=args.n_local)
-    cfg = Config(
+
+def peak_tflops(name: str) -> float | None:
+    return next((v for k, v in BF16_PEAK_TFLOPS if k in name), None)
+
+
+def build_config(args, gpu: bool, data: BenchData) -> Config:
+    giant = "giant" in args.arch
+    return Config(
         output_dir=tempfile.mkdtemp(prefix="bench-train-"), data=data,
         model=ModelConfig(arch=args.arch, img_size=args.global_size, drop_path_rate=0.1,
                           grad_checkpointing=args.checkpointing,
-                          head_n_prototypes=args.prototypes,
-                          ibot_separate_head="giant" in args.arch,
+                          head_n_prototypes=args.prototypes, ibot_separate_head=giant,
                           ibot_n_prototypes=args.prototypes,
-                          head_bottleneck_dim=384 if "giant" in args.arch else 256),
+                          head_bottleneck_dim=384 if giant else 256),
         loss=LossConfig(kde_weight=0.1),
         train=TrainConfig(max_steps=1000, tensorboard=False, progress=False, cpu=not gpu,
                           mixed_precision="bf16" if gpu else "no"))
-    trainer = Trainer(cfg, make_loader=SyntheticLoader, augment=identity_augment)
+
+
+def setup_train_step(args, gpu: bool):
+    """The real trainer; returns (one step, FLOPs of one step's model work)."""
+    from midnight_train.trainer import Trainer
+
+    data = BenchData(batch_size=args.batch, global_crop_size=args.global_size,
+                     local_crop_size=args.local_size, n_local_crops=args.n_local)
+    trainer = Trainer(build_config(args, gpu, data), make_loader=SyntheticLoader,
+                      augment=identity_augment)
     trainer.loader = SyntheticLoader(data, seed=0, rank=0, world_size=1)
     batches = iter(trainer.loader)
-    flops = model_flops(trainer, trainer.loader.batch) if args.flops else 0.0
+    device_batch = {k: v.to(trainer.accelerator.device) for k, v in trainer.loader.batch.items()}
+    student = trainer.accelerator.unwrap_model(trainer.student)
+
+    def model_work(one):
+        with trainer.accelerator.autocast():
+            losses, _ = trainer.objective(student, trainer.teacher, one, 0.07)
+        losses["loss"].backward()
+
+    flops = count_flops(model_work, device_batch, args.batch, student.backbone.vit)
+    student.zero_grad(set_to_none=True)
+    return (lambda: trainer._train_step(batches)), flops
+
+
+def setup_backbone_only(args, gpu: bool):
+    """Teacher backbone forward (global crops) + student backbone forward + backward (all crops),
+    nothing else."""
+    data = BenchData(batch_size=args.batch, global_crop_size=args.global_size,
+                     local_crop_size=args.local_size, n_local_crops=args.n_local)
+    cfg = build_config(args, gpu, data)
+    device = torch.device("cuda" if gpu else "cpu")
+    torch.manual_seed(0)
+    student = Backbone(create_vit(cfg.model)).to(device).train()
+    teacher = copy.deepcopy(student).requires_grad_(False).eval()
+    batch = {k: v.to(device) for k, v in
+             SyntheticLoader(data, seed=0, rank=0, world_size=1).batch.items()}
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu else nullcontext
+
+    def work(one):
+        with autocast():
+            with torch.no_grad():
+                teacher(one["global_crops"])
+            g = student(one["global_crops"], one["masks"])
+            parts = [g.float().mean()]
+            if one["local_crops"].numel():
+                parts.append(student(one["local_crops"]).float().mean())
+        sum(parts).backward()
+
+    def step():
+        work(batch)
+        student.zero_grad(set_to_none=True)
+
+    flops = count_flops(work, batch, args.batch, student.vit)
+    student.zero_grad(set_to_none=True)
+    return step, flops
+
+
+def run_one(args) -> dict:
+    gpu = torch.cuda.is_available() and not args.cpu
+    setup = setup_backbone_only if args.mode == "backbone" else setup_train_step
+    step, flops = setup(args, gpu)
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     if gpu:
-        torch.cuda.synchronize()
+        sync()
         torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
-        trainer._train_step(batches)
-    if gpu:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+        step()
+    sync()
+    times = []
     for _ in range(args.steps):
-        trainer._train_step(batches)
-    if gpu:
-        torch.cuda.synchronize()
-    step_s = (time.perf_counter() - start) / args.steps
-    result = {"arch": args.arch, "device": torch.cuda.get_device_name() if gpu else "cpu",
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+    device = torch.cuda.get_device_name() if gpu else "cpu"
+    result = {"arch": args.arch, "mode": args.mode, "device": device,
               "threads": torch.get_num_threads(), "batch": args.batch,
               "crops": f"2x{args.global_size} + {args.n_local}x{args.local_size}",
-              "bf16": gpu, "checkpointing": args.checkpointing, "step_s": round(step_s, 4),
-              "images_per_s": round(args.batch / step_s, 2)}
+              "precision": "bf16" if gpu else "fp32", "checkpointing": args.checkpointing,
+              "steps": args.steps, "step_s": round(step_s, 4),
+              "step_s_min": round(min(times), 4), "step_s_max": round(max(times), 4),
+              "images_per_s": round(args.batch / step_s, 2),
+              "tflop_per_step": round(flops / 1e12, 4),
+              "achieved_tflops": round(flops / step_s / 1e12, 4)}
     if gpu:
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        peak = args.peak_tflops or peak_tflops(device)
+        if peak:
+            result["peak_tflops"] = peak
+            result["mfu"] = round(flops / step_s / (peak * 1e12), 4)
     else:
-        result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    if flops:
-        result["tflops_per_step"] = round(flops / 1e12, 3)
-        result["achieved_tflops"] = round(flops / step_s / 1e12, 2)
-        name = result["device"]
-        peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in name), None)
-        if gpu and peak:
-            result["mfu"] = round(flops / step_s / (peak * 1e12), 3)
+        result["peak_rss_gib"] = round(
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     return result
+
+
+# ----------------------------------------------------------------------------- suite
+
+
+def short_name(arch: str) -> str:
+    for size, short in (("small", "ViT-S/14"), ("base", "ViT-B/14"), ("large", "ViT-L/14"),
+                        ("giant", "ViT-g/14")):
+        if size in arch:
+            return short + (" reg" if "reg" in arch else "")
+    return arch
+
+
+def markdown_table(rows: list[dict]) -> str:
+    gpu = any("peak_mem_gib" in r for r in rows)
+    head = ["model", "what", "batch", "precision", "step s (median)", "min-max s", "images/s",
+            "x backbone", "TFLOP/step", "achieved TFLOP/s", "peak " + ("GPU mem" if gpu else "RSS")
+            + " GiB"]
+    if gpu:
+        head.append("MFU")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = {r["arch"]: r["step_s"] for r in rows if r["mode"] == "backbone"}
+    for r in rows:
+        ratio = r["step_s"] / base[r["arch"]] if r["arch"] in base else None
+        prec = r["precision"] + (" + ckpt" if r["checkpointing"] else "")
+        cells = [short_name(r["arch"]), "train step" if r["mode"] == "step" else "backbone only",
+                 str(r["batch"]), prec, f"{r['step_s']:.3f}",
+                 f"{r['step_s_min']:.3f}-{r['step_s_max']:.3f}", f"{r['images_per_s']:.2f}",
+                 f"{ratio:.2f}" if ratio else "-", f"{r['tflop_per_step']:.3f}",
+                 f"{r['achieved_tflops']:.3f}",
+                 f"{r.get('peak_mem_gib', r.get('peak_rss_gib', 0.0)):.2f}"]
+        if gpu:
+            cells.append(f"{r['mfu']:.1%}" if "mfu" in r else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="the GPU suite (needs CUDA)")
-    parser.add_argument("--arch")
+    parser.add_argument("--quick", action="store_true", help="fewer warm-up and timed steps")
+    parser.add_argument("--arch", help="one configuration (prints one JSON line)")
+    parser.add_argument("--mode", choices=["step", "backbone"], default="step")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--global-size", type=int, default=224)
     parser.add_argument("--local-size", type=int, default=98)
     parser.add_argument("--n-local", type=int, default=8)
     parser.add_argument("--prototypes", type=int, default=65536)
     parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--flops", action="store_true", help="count FLOPs (MFU)")
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--steps", type=int, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--peak-tflops", type=float, help="override the GPU's dense bf16 peak")
     parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    gpu_run = args.gpu or (args.arch is not None and torch.cuda.is_available() and not args.cpu)
+    if args.steps is None:
+        args.steps = (5 if args.quick else 10) if gpu_run else (2 if args.quick else 5)
+    if args.warmup is None:
+        args.warmup = (2 if args.quick else 3) if gpu_run else 1
     if args.arch:
         print(json.dumps(run_one(args)), flush=True)
         return
+
+    timing = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.peak_tflops:
+        timing += ["--peak-tflops", str(args.peak_tflops)]
     if args.gpu:
         if not torch.cuda.is_available():
             sys.exit("--gpu: no CUDA device")
-        suite = [["--arch", "vit_base_patch14_dinov2", "--batch", "64", "--flops", "--steps", "10",
-                  "--warmup", "3"],
+        suite = [["--arch", "vit_base_patch14_dinov2", "--batch", "64"],
                  ["--arch", "vit_giant_patch14_dinov2", "--batch", "12", "--checkpointing",
-                  "--prototypes", "131072", "--flops", "--steps", "10", "--warmup", "3"]]
+                  "--prototypes", "131072"]]
     else:
-        common = ["--batch", str(args.batch), "--steps", str(args.steps), "--cpu", "--flops"]
-        suite = [["--arch", "vit_small_patch14_dinov2", *common],
-                 ["--arch", "vit_base_patch14_dinov2", *common]]
-    for extra in suite:  # one process each: its own peak memory
-        subprocess.run([sys.executable, __file__, *extra], check=True)
+        shape = ["--batch", str(args.batch), "--global-size", str(args.global_size),
+                 "--local-size", str(args.local_size), "--n-local", str(args.n_local),
+                 "--prototypes", str(args.prototypes), "--cpu"]
+        if args.checkpointing:
+            shape.append("--checkpointing")
+        suite = [["--arch", "vit_small_patch14_dinov2", *shape],
+                 ["--arch", "vit_base_patch14_dinov2", *shape]]
+    cores = os.cpu_count() or 1
+    print(f"threads {os.environ.get('OMP_NUM_THREADS', torch.get_num_threads())}, "
+          f"{cores} cores, load average {os.getloadavg()[0]:.2f} before the run", flush=True)
+    rows = []
+    for extra in suite:
+        for mode in ("backbone", "step"):  # one process each: its own peak memory
+            out = subprocess.run([sys.executable, __file__, *extra, *timing, "--mode", mode],
+                                 check=True, stdout=subprocess.PIPE, text=True).stdout
+            row = json.loads(out.strip().splitlines()[-1])
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    device = rows[0]["device"] + ("" if args.gpu else f", {rows[0]['threads']} threads")
+    print(f"\n{device}; load average {os.getloadavg()[0]:.2f} after the run; median of "
+          f"{args.steps} steps after {args.warmup} warm-up\n")
+    print(markdown_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

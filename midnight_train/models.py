@@ -158,6 +158,19 @@ class SSLNetwork(nn.Module):
     def ibot(self, tokens: torch.Tensor) -> torch.Tensor:
         return (self.ibot_head or self.dino_head)(tokens)
 
+    def heads(self, cls: torch.Tensor,
+              patches: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """DINO logits of the ``cls`` rows and iBOT logits of the ``patches`` rows. With a shared
+        head both go through ONE call (one MLP pass, one normalisation of the ``[K, bottleneck]``
+        prototype matrix forward and backward): every row is computed independently, so this is
+        the same function as two calls."""
+        if patches is None:
+            return self.dino_head(cls), None
+        if self.ibot_head is not None:
+            return self.dino_head(cls), self.ibot_head(patches)
+        both = self.dino_head(torch.cat([cls, patches]))
+        return both[: len(cls)], both[len(cls):]
+
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None,
                 masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Global crops ``[2B,3,G,G]`` (with iBOT ``masks`` ``[2B, n_patches]`` for the student),
@@ -167,14 +180,16 @@ class SSLNetwork(nn.Module):
         tokens = self.backbone(global_crops, masks)
         cls = tokens[:, 0]
         out = {"cls": cls, "patch_tokens": tokens[:, p:]}
+        n_global = len(cls)
         if local_crops is not None and local_crops.numel():
-            local_cls = self.backbone(local_crops)[:, 0]
-            both = self.dino_head(torch.cat([cls, local_cls]))
-            out["dino_logits"], out["dino_local_logits"] = both[: len(cls)], both[len(cls):]
-        else:
-            out["dino_logits"] = self.dino_head(cls)
-        if masks is not None:
-            out["ibot_logits"] = self.ibot(out["patch_tokens"][masks])
+            cls = torch.cat([cls, self.backbone(local_crops)[:, 0]])
+        masked = out["patch_tokens"][masks] if masks is not None else None
+        dino, ibot = self.heads(cls, masked)
+        out["dino_logits"] = dino[:n_global]
+        if len(dino) > n_global:
+            out["dino_local_logits"] = dino[n_global:]
+        if ibot is not None:
+            out["ibot_logits"] = ibot
         return out
 
 

@@ -34,19 +34,36 @@ def build_student_teacher(cfg: ModelConfig) -> tuple[SSLNetwork, SSLNetwork]:
     return student, teacher
 
 
+class EMAPairs:
+    """The teacher and student parameters in matching order (names and shapes checked once), for
+    ``ema_update``. Build it once per run: the lists stay valid while the modules keep their
+    parameter objects (``load_state_dict`` and ``.to(device)`` copy in place)."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module):
+        self.teacher: list[torch.Tensor] = []
+        self.student: list[torch.Tensor] = []
+        for (tn, tp), (sn, sp) in zip(teacher.named_parameters(), student.named_parameters(),
+                                      strict=True):
+            if tn != sn or tp.shape != sp.shape:
+                raise RuntimeError(f"teacher/student parameter mismatch: {tn} "
+                                   f"{tuple(tp.shape)} vs {sn} {tuple(sp.shape)}")
+            self.teacher.append(tp)
+            self.student.append(sp)
+        self.cast = any(t.dtype != s.dtype for t, s in zip(self.teacher, self.student, strict=True))
+
+
 @torch.no_grad()
-def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
+def ema_update(teacher: nn.Module, student: nn.Module, momentum: float,
+               pairs: EMAPairs | None = None) -> None:
     """teacher <- momentum * teacher + (1 - momentum) * student, as ``teacher + (1 - momentum) *
     (student - teacher)`` (lerp): exact when the two are equal, so a student that does not move
-    leaves the teacher bit-for-bit unchanged."""
-    t_params, s_params = [], []
-    for (tn, tp), (sn, sp) in zip(teacher.named_parameters(), student.named_parameters(),
-                                  strict=True):
-        if tn != sn:
-            raise RuntimeError(f"teacher/student parameter mismatch: {tn} vs {sn}")
-        t_params.append(tp)
-        s_params.append(sp.detach().to(tp.dtype))
-    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
+    leaves the teacher bit-for-bit unchanged. One multi-tensor ``_foreach_lerp_`` over all
+    parameters, no per-parameter Python loop when ``pairs`` (an ``EMAPairs``) is passed."""
+    pairs = pairs if pairs is not None else EMAPairs(teacher, student)
+    s_params = pairs.student
+    if pairs.cast:
+        s_params = [s.to(t.dtype) for s, t in zip(s_params, pairs.teacher, strict=True)]
+    torch._foreach_lerp_(pairs.teacher, s_params, 1.0 - momentum)
 
 
 def param_groups(student: SSLNetwork, layerwise_decay: float,
@@ -110,8 +127,8 @@ class SSLObjective(nn.Module):
         tokens = teacher.backbone(global_crops)
         p = teacher.backbone.num_prefix_tokens
         cls = tokens[:, 0]
-        return {"cls": cls, "dino_logits": teacher.dino_head(cls),
-                "ibot_logits": teacher.ibot(tokens[:, p:][masks])}
+        dino, ibot = teacher.heads(cls, tokens[:, p:][masks])
+        return {"cls": cls, "dino_logits": dino, "ibot_logits": ibot}
 
     def forward(self, student: nn.Module, teacher: SSLNetwork, batch: dict,
                 teacher_temp: float,

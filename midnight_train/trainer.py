@@ -40,6 +40,7 @@ from accelerate.utils import ProjectConfiguration, gather_object
 from midnight_train.config import Config, save_config, to_plain
 from midnight_train.schedules import Schedules, scaled_lr
 from midnight_train.ssl import (
+    EMAPairs,
     SSLObjective,
     apply_schedule,
     build_student_teacher,
@@ -119,6 +120,22 @@ def set_rng_states(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def adamw_implementation(groups: list[dict]) -> dict[str, bool]:
+    """``fused=True`` (one kernel over all parameters, CPU and CUDA; ~7x faster than the default
+    per-parameter loop on CPU for the 65k-prototype heads) where every parameter allows it, else
+    ``foreach=True``. The same AdamW update either way."""
+    params = [p for g in groups for p in g["params"]]
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        fused_ok = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # older torch
+        fused_ok = {"cuda"}
+    if params and all(p.device.type in fused_ok and p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {"foreach": True}
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
@@ -153,12 +170,15 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.student, self.teacher = build_student_teacher(cfg.model)
         self.objective = SSLObjective(cfg.model, cfg.loss)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.student, tc.layerwise_decay, tc.patch_embed_lr_mult),
-            lr=0.0, betas=tuple(tc.betas))
+        self.student.to(acc.device)  # before the optimiser: its implementation depends on it
+        groups = param_groups(self.student, tc.layerwise_decay, tc.patch_embed_lr_mult)
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(tc.betas),
+                                           **adamw_implementation(groups))
         self.teacher.to(acc.device)
         self.objective.to(acc.device)
         self.student, self.optimizer = acc.prepare(self.student, self.optimizer)
+        # Built once: per-step EMA is one multi-tensor op, without re-pairing parameters by name.
+        self._ema_pairs = EMAPairs(self.teacher, acc.unwrap_model(self.student))
 
         self.global_batch = cfg.data.batch_size * self.world_size * tc.grad_accum
         self.schedules = Schedules(
@@ -358,12 +378,16 @@ class Trainer:
         return last
 
     def _train_step(self, batches) -> dict[str, float]:
+        """One optimiser step. The only host-device synchronisations: the non-finite check, once
+        per optimiser step after the last backward (before the update, so a NaN never reaches the
+        weights), and the conversion of the metrics on logged steps."""
         tc, acc = self.cfg.train, self.accelerator
         values = self.schedules.at(self.step)
         apply_schedule(self.optimizer, values.lr, values.wd, values.last_layer_frozen)
         self.student.train()
         start = time.perf_counter()
         names: tuple[str, ...] = ()
+        n_losses = 0
         summed: torch.Tensor | None = None
         grad_norm = torch.zeros((), device=acc.device)
         for _ in range(tc.grad_accum):
@@ -371,19 +395,21 @@ class Trainer:
             with acc.accumulate(self.student):
                 losses, monitors = self.objective(self.student, self.teacher, batch,
                                                   values.teacher_temp, acc.autocast)
-                names = tuple(losses) + tuple(monitors)
+                names, n_losses = tuple(losses) + tuple(monitors), len(losses)
                 local = torch.stack([v.detach().float() for v in
                                      list(losses.values()) + list(monitors.values())])
                 reduced = acc.reduce(local, reduction="mean")  # one collective per micro-step
-                self._check_finite(reduced[: len(losses)], tuple(losses))
+                summed = reduced if summed is None else summed + reduced
                 acc.backward(losses["loss"])
                 if acc.sync_gradients:
+                    # Any non-finite micro-step makes the sum non-finite (nan/inf never cancel).
+                    self._check_finite(summed[:n_losses] / tc.grad_accum, names[:n_losses])
                     grad_norm = acc.clip_grad_norm_(self.student.parameters(),
                                                     tc.clip_grad if tc.clip_grad > 0 else math.inf)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            summed = reduced if summed is None else summed + reduced
-        ema_update(self.teacher, acc.unwrap_model(self.student), values.teacher_momentum)
+        ema_update(self.teacher, acc.unwrap_model(self.student), values.teacher_momentum,
+                   self._ema_pairs)
         self.step += 1
         if self.step % tc.log_every and self.step != tc.max_steps:
             return {}

@@ -142,3 +142,23 @@ def test_export_loads_in_plain_timm_and_embeds(tmp_path):
     n, dim = embed_inputs(out, [str(tmp_path / f"t{i}.png") for i in range(3)],
                           tmp_path / "emb.npz", batch_size=2)
     assert (n, dim) == (3, 64)
+
+
+def test_shared_head_single_call_matches_separate_calls():
+    """Student and teacher send CLS rows and masked patch rows through a shared head in one call;
+    that must be the same function as calling the head on each."""
+    cfg = ModelConfig(img_size=28, timm_kwargs=TINY, drop_path_rate=0.0,
+                      head_n_prototypes=16, head_hidden_dim=24, head_bottleneck_dim=8)
+    net = SSLNetwork(cfg).eval()
+    masks = torch.zeros(4, 4, dtype=torch.bool)
+    masks[1, 1:] = True
+    x, local = torch.randn(4, 3, 28, 28), torch.randn(6, 3, 14, 14)
+    out = net(x, local, masks)
+    tokens = net.backbone(x, masks)
+    cls = torch.cat([tokens[:, 0], net.backbone(local)[:, 0]])
+    dino = net.dino_head(cls)
+    assert torch.allclose(out["dino_logits"], dino[:4], atol=1e-6)
+    assert torch.allclose(out["dino_local_logits"], dino[4:], atol=1e-6)
+    assert torch.allclose(out["ibot_logits"], net.dino_head(tokens[:, 1:][masks]), atol=1e-6)
+    no_mask = net(x, None, torch.zeros_like(masks))  # no masked patch: empty iBOT rows
+    assert no_mask["ibot_logits"].shape == (0, 16) and "dino_local_logits" not in no_mask

@@ -164,3 +164,39 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, monkeypatch):
         make_trainer(cfg).fit()
     assert list_checkpoints(tmp_path) == [good]
     assert (good / "model.pt").stat().st_mtime_ns == mtime
+
+
+def test_optimiser_and_ema_are_multi_tensor(tmp_path):
+    trainer = make_trainer(tiny_config(tmp_path, train={"max_steps": 1}))
+    defaults = getattr(trainer.optimizer, "optimizer", trainer.optimizer).defaults
+    assert defaults.get("fused") or defaults.get("foreach")  # no per-parameter Python loop
+    pairs = trainer._ema_pairs
+    student = trainer.accelerator.unwrap_model(trainer.student)
+    assert [id(p) for p in pairs.student] == [id(p) for p in student.parameters()]
+    assert [id(p) for p in pairs.teacher] == [id(p) for p in trainer.teacher.parameters()]
+    assert not pairs.cast
+    from dataclasses import replace
+
+    from midnight_train.models import SSLNetwork
+    from midnight_train.ssl import EMAPairs
+
+    other = SSLNetwork(replace(trainer.cfg.model, head_n_prototypes=7))
+    with pytest.raises(RuntimeError, match="mismatch"):
+        EMAPairs(trainer.teacher, other)
+
+
+def test_non_finite_loss_never_reaches_the_weights(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path, train={"max_steps": 2, "grad_accum": 2})
+    trainer = make_trainer(cfg)
+    student = trainer.accelerator.unwrap_model(trainer.student)
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    import midnight_train.ssl as ssl_mod
+
+    monkeypatch.setattr(ssl_mod, "kde_loss", lambda z, *a, **k: z.sum() * float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"step 1: loss=nan"):
+        trainer.fit()
+    for k, v in student.state_dict().items():
+        assert torch.equal(before[k], v), k
+    for k, v in trainer.teacher.state_dict().items():
+        assert torch.equal(teacher[k], v), k
