@@ -128,7 +128,14 @@ def _execute(plan: Plan, jobs, workers: int) -> int:
             done[job_id] = manifest
 
     started = time.time()
-    run_jobs(pending, plan.params, plan.output, workers, lambda kind, n: bars[kind].update(n), on_done)
+    def progress(kind: str, n: int) -> None:
+        if kind == "unfilled":  # shortfalls and skipped magnifications: the bar can still end full
+            bars["tiles"].total -= n
+            bars["tiles"].refresh()
+        else:
+            bars[kind].update(n)
+
+    run_jobs(pending, plan.params, plan.output, workers, progress, on_done)
     for bar in bars.values():
         bar.close()
     wall = time.time() - started

@@ -158,6 +158,8 @@ def process_slide(spec: SlideSpec, params: BuildParams, emit, progress: Progress
         report.status, report.error = "failed", str(e)
     except Exception as e:  # an unexpected library error on one slide must not end the job
         report.status, report.error = "failed", f"{type(e).__name__}: {e}"
+    if progress:  # tiles asked for but not written: lets a progress bar's total shrink to match
+        progress("unfilled", sum(report.asked.values()) - sum(report.written.values()))
     return report
 
 
