@@ -73,8 +73,9 @@ def _lookup_table(bounds: HsvBounds) -> np.ndarray:
 
     h, s, v = bounds.h, bounds.s, bounds.v
     # v1: bump when _in_bounds changes, so no stale table is ever loaded.
-    path = cache_dir() / f"hsv-lut-v1-{h[0]}-{h[1]}-{s[0]}-{s[1]}-{v[0]}-{v[1]}.npy"
+    name = f"hsv-lut-v1-{h[0]}-{h[1]}-{s[0]}-{s[1]}-{v[0]}-{v[1]}.npy"
     try:
+        path = cache_dir() / name
         return np.unpackbits(np.load(path), count=1 << 24).astype(bool)
     except (OSError, ValueError):
         pass
@@ -82,6 +83,7 @@ def _lookup_table(bounds: HsvBounds) -> np.ndarray:
                           np.arange(256, dtype=np.uint8), indexing="ij")
     table = _in_bounds(np.stack([r, g, b], axis=-1), bounds).reshape(-1)
     try:  # write-then-rename: concurrent workers never read a half-written table
+        path = cache_dir() / name
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
         np.save(tmp, np.packbits(table))
         os.replace(tmp, path)
