@@ -281,9 +281,11 @@ class ColorAugment:
         g, loc = batch["global_crops"], batch["local_crops"]
         b = g.shape[1]
         # uint8 crops go to `augment` as they are (HED reads them through a table); anything else
-        # holds 0…255 values as well and is scaled here
+        # holds 0…255 values as well and is scaled here. The loader hands crops over channels
+        # last (NHWC strides); `.contiguous()` makes them NCHW first (a cheap copy on the device,
+        # none for NCHW input), so every step sees the same layout and gives the same numbers.
         xg, xl = (x if x.dtype == torch.uint8 else x.float() / 255  # never in place: the batch's
-                  for x in (g.flatten(0, 1), loc.flatten(0, 1)))
+                  for x in (g.flatten(0, 1).contiguous(), loc.flatten(0, 1).contiguous()))
         dev = generator.device
         blur_g = torch.cat([torch.full((b,), cfg.blur_p_global1, device=dev),
                             torch.full((b,), cfg.blur_p_global2, device=dev)])

@@ -4,7 +4,9 @@ Contract (what the trainer relies on)
 -------------------------------------
 `make_loader(cfg, seed=, rank=, world_size=, state=None)` returns a `Loader`:
 - iterating it yields batches forever; each batch is a dict of CPU tensors:
-  `global_crops` uint8 [2, B, 3, G, G], `local_crops` uint8 [n_local, B, 3, L, L],
+  `global_crops` uint8 [2, B, 3, G, G], `local_crops` uint8 [n_local, B, 3, L, L] (channels-last
+  memory: views of [2, B, G, G, 3] / [n_local, B, L, L, 3] buffers, as each crop leaves PIL in HWC
+  order; `ColorAugment` makes them contiguous on the device),
   `masks` bool [2·B, (G // patch_size)²] in crop-major order (all samples' crop 0, then all
   samples' crop 1), i.e. row i belongs to `global_crops.flatten(0, 1)[i]`, and `keys` list[str].
   Colour/HED augmentation and normalisation happen later, batched on the model's device
@@ -342,23 +344,42 @@ def decode_tile(jpg: bytes) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _pixels(img: Image.Image, size: int, box: tuple[float, float, float, float],
+                   rawmode: str, ystep: int) -> bytes:
+    """The resized crop's packed 3-byte pixels in `rawmode` order, rows bottom-up for ystep −1."""
+    resized = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return resized.tobytes("raw", rawmode, 0, ystep)
+
+
+
+
 def crop(img: Image.Image, box: np.ndarray, size: int, hflip: bool, rot: int,
          out: np.ndarray | None = None) -> np.ndarray:
-    """One random-resized crop: a single bicubic, antialiased PIL resize of the sub-pixel box
-    (PIL scales the filter support with the reduction), then flip and rotate (k × 90°
-    counter-clockwise, as PIL's ROTATE_90). Returns CHW uint8 [3, size, size], written into `out`
-    when given: flip/rotation are strided numpy views folded into the one HWC → CHW copy."""
+    """One random-resized crop of an RGB tile: a single bicubic, antialiased PIL resize of the
+    sub-pixel box (PIL scales the filter support with the reduction), then flip and rotate
+    (k × 90° counter-clockwise, as PIL's ROTATE_90). Returns HWC uint8 [size, size, 3]
+    (channels last), written into `out` (C-contiguous) when given.
+
+    The pixels leave PIL packed by its raw encoder and land in `out` with one numpy copy: no
+    intermediate array, no transpose. A horizontal flip costs nothing extra: PIL packs the
+    rows bottom-up in BGR order (vertical flip + channel reversal) and that byte string read
+    backwards is the horizontally flipped RGB image (a vertical flip then a 180° turn).
+    Rotations (the `vflip_rot90` option) go through strided numpy views."""
     w, h = img.size
-    resized = img.resize((size, size), Image.Resampling.BICUBIC,
-                         box=(box[0] * w, box[1] * h, box[2] * w, box[3] * h))
-    view = np.asarray(resized).transpose(2, 0, 1)
-    if hflip:
-        view = view[:, :, ::-1]
-    if rot:
-        view = np.rot90(view, int(rot), axes=(1, 2))
+    fbox = (float(box[0]) * w, float(box[1]) * h, float(box[2]) * w, float(box[3]) * h)
     if out is None:
-        return np.ascontiguousarray(view)
-    out[...] = view
+        out = np.empty((size, size, 3), dtype=np.uint8)
+    elif out.shape != (size, size, 3) or not out.flags.c_contiguous:
+        raise ValueError(f"crop: out must be C-contiguous [{size}, {size}, 3], got {out.shape}")
+    if rot:
+        view = np.frombuffer(_pixels(img, size, fbox, "RGB", 0), dtype=np.uint8).reshape(size, size, 3)
+        if hflip:
+            view = view[:, ::-1]
+        out[...] = np.rot90(view, int(rot), axes=(0, 1))
+    elif hflip:
+        out.reshape(-1)[...] = np.frombuffer(_pixels(img, size, fbox, "BGR", -1), dtype=np.uint8)[::-1]
+    else:
+        out.reshape(-1)[...] = np.frombuffer(_pixels(img, size, fbox, "RGB", 0), dtype=np.uint8)
     return out
 
 
@@ -414,9 +435,10 @@ class SampleStream:
         b, g, loc, nl = cfg.batch_size, cfg.global_crop_size, cfg.local_crop_size, cfg.n_local_crops
         bad_run = 0
         while True:
-            # crops are written straight into the CHW batch arrays the tensors wrap (no collation copy)
-            gbuf = np.empty((2, b, 3, g, g), dtype=np.uint8)
-            lbuf = np.empty((nl, b, 3, loc, loc), dtype=np.uint8)
+            # crops are written straight into the batch arrays the tensors wrap (no collation
+            # copy), channels last: each crop is PIL's own HWC byte order, so no transpose
+            gbuf = np.empty((2, b, g, g, 3), dtype=np.uint8)
+            lbuf = np.empty((nl, b, loc, loc, 3), dtype=np.uint8)
             keys: list[str] = []
             images: list[np.ndarray] = []
             while len(keys) < b:
@@ -452,8 +474,9 @@ class SampleStream:
                                 max_fraction=cfg.mask_max_fraction, min_patches=cfg.mask_min_patches)
             self.batches += 1
             batch = {
-                "global_crops": torch.from_numpy(gbuf),
-                "local_crops": torch.from_numpy(lbuf),
+                # [2, B, 3, G, G] / [n_local, B, 3, L, L] views of the channels-last buffers
+                "global_crops": torch.from_numpy(gbuf).permute(0, 1, 4, 2, 3),
+                "local_crops": torch.from_numpy(lbuf).permute(0, 1, 4, 2, 3),
                 "masks": torch.from_numpy(masks),
                 "keys": keys,
                 "_position": self.position(),

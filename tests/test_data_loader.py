@@ -61,6 +61,7 @@ def test_batches_have_the_contracted_layout(shard_dir, cmu_slide):
     b = batches[0]
     assert b["global_crops"].shape == (2, 4, 3, 56, 56) and b["global_crops"].dtype == torch.uint8
     assert b["local_crops"].shape == (4, 4, 3, 28, 28) and b["local_crops"].dtype == torch.uint8
+    assert b["global_crops"].permute(0, 1, 3, 4, 2).is_contiguous()  # channels-last memory
     assert b["masks"].shape == (8, 16) and b["masks"].dtype == torch.bool
     assert len(b["keys"]) == 4 and all(k.startswith("cmu_00499_") for k in b["keys"])
     # two crops of one tile differ (random geometry), and the crops hold tissue, not zeros
@@ -195,3 +196,27 @@ def test_loader_leaves_global_rngs_alone(shard_dir):
     take(make_loader(cfg(str(shard_dir)), seed=0, rank=0, world_size=1), 2)
     assert torch.equal(torch.get_rng_state(), before[0])
     assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
+
+
+def test_crop_matches_pil_reference_for_every_flip_and_rotation():
+    """`crop` (raw-encoder bytes straight into a channels-last buffer, hflip by reading BGR
+    bottom-up rows backwards) equals the plain PIL resize → flip → rotate, byte for byte."""
+    import numpy as np
+    from PIL import Image
+
+    from midnight_train.data import crop
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    box = np.array([0.13, 0.21, 0.77, 0.92])
+    ref = img.resize((17, 17), Image.Resampling.BICUBIC, box=(0.13 * 40, 0.21 * 40, 0.77 * 40, 0.92 * 40))
+    for hflip in (False, True):
+        for rot in range(4):
+            want = np.asarray(ref.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if hflip else ref)
+            want = np.asarray(Image.fromarray(want).rotate(90 * rot, expand=True)) if rot else want
+            out = np.zeros((2, 17, 17, 3), dtype=np.uint8)
+            crop(img, box, 17, hflip, rot, out=out[1])
+            assert np.array_equal(out[1], want) and not out[0].any()
+            assert np.array_equal(crop(img, box, 17, hflip, rot), want)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        crop(img, box, 17, False, 0, out=np.zeros((3, 17, 17), dtype=np.uint8).transpose(1, 2, 0))
