@@ -220,3 +220,21 @@ def test_output_to_an_fsspec_url(slide_dir):
     assert json.loads(status.output)["left"] == []
     again = CliRunner().invoke(main, ["build", *map(str, args)])  # resume: nothing left to do
     assert again.exit_code == 0 and "1 of 1 jobs already done" in again.output
+
+
+def test_no_file_handles_leak_across_slides(slide_dir, cmu_slide):
+    """Long-running workers open thousands of slides: each one's handles (OpenSlide and the
+    fast TIFF reader) are closed when it is done, failed slides included."""
+    from midnight_prep.job import process_slide
+    from midnight_prep.plan import BuildParams, SlideSpec
+
+    params = BuildParams(mpps=(1.0,))
+    specs = [SlideSpec(str(p), p.stem, quotas={"1": 4}) for p in
+             (slide_dir / "generic40x.tiff", slide_dir / "aperio40x.svs", slide_dir / "damaged.tiff",
+              slide_dir / "corrupt.svs", cmu_slide)]
+    process_slide(specs[0], params, lambda *a: None)  # warm up library-level handles
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        for spec in specs:
+            process_slide(spec, params, lambda *a: None)
+    assert len(os.listdir("/proc/self/fd")) == before
