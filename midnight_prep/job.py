@@ -62,8 +62,7 @@ def foreground_map(slide: Slide, params: BuildParams) -> ForegroundMap:
     """Tissue mask at a resolution where the smallest tile spans MASK_CELLS_PER_TILE cells."""
     smallest_fov = params.tile_size * min(params.mpps)  # µm
     mask_mpp = max(slide.mpp, smallest_fov / MASK_CELLS_PER_TILE)
-    strips = list(slide.thumbnail_strips(mask_mpp))
-    rgb = np.concatenate([s for _, s in strips], axis=0)
+    rgb = np.concatenate(list(slide.thumbnail_strips(mask_mpp)), axis=0)
     return ForegroundMap.from_mask(tissue_mask(rgb), cell=mask_mpp / slide.mpp)
 
 

@@ -243,7 +243,7 @@ class Slide:
                              "is probably damaged or truncated: copy or export it again") from e
 
     def thumbnail_strips(self, mpp: float, rows_per_strip: int = 1024):
-        """Yield (row offset, RGB strip) of the whole slide downscaled to ``mpp`` (box filter),
+        """Yield RGB strips (top to bottom) of the whole slide downscaled to ``mpp`` (box filter),
         reading from the coarsest level finer than ``mpp`` a strip at a time so memory stays
         bounded even on single-level slides."""
         lv = max((lv for lv in self.levels if lv.mpp <= mpp), key=lambda lv: lv.mpp, default=self.levels[0])
@@ -256,4 +256,4 @@ class Slide:
             y0, y1 = int(round(r0 * scale)), min(lv.height, int(round(r1 * scale)))
             region = self.read_level(lv.index, 0, y0, lv.width, max(1, y1 - y0))
             strip = Image.fromarray(region).resize((out_w, r1 - r0), Image.Resampling.BOX)
-            yield r0, np.asarray(strip)
+            yield np.asarray(strip)
