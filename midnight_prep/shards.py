@@ -45,11 +45,6 @@ def join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
-
-
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
@@ -94,7 +89,7 @@ def publish(local_file: str, url: str) -> None:
             os.fsync(dst.fileno())
         os.replace(tmp, target)
         return
-    fs, path = filesystem(url)
+    fs, path = fsspec.core.url_to_fs(url)
     fs.put_file(local_file, path)
 
 
@@ -113,13 +108,13 @@ def read_json(url: str):
 
 
 def exists(url: str) -> bool:
-    fs, path = filesystem(url)
+    fs, path = fsspec.core.url_to_fs(url)
     return fs.exists(path)
 
 
 def list_manifests(output: str) -> dict[str, dict]:
     """job_id -> manifest for every finished job under ``output``."""
-    fs, path = filesystem(join(output, MANIFEST_DIR))
+    fs, path = fsspec.core.url_to_fs(join(output, MANIFEST_DIR))
     if not fs.exists(path):
         return {}
     found = {}
