@@ -265,13 +265,8 @@ class ColorAugment:
             x.index_copy_(0, idx, torch.where(sel >= 128 / 255, 1 - sel, sel))
         return x
 
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor(self.cfg.mean, dtype=x.dtype, device=x.device)[None, :, None, None]
-        std = torch.tensor(self.cfg.std, dtype=x.dtype, device=x.device)[None, :, None, None]
-        return (x - mean) / std
-
     def _normalize_(self, x: torch.Tensor) -> torch.Tensor:
-        """`normalize` in place, for the tensors `augment` returns (its own)."""
+        """(x - mean) / std in place, for the tensors `augment` returns (its own)."""
         mean = torch.tensor(self.cfg.mean, dtype=x.dtype, device=x.device)[None, :, None, None]
         std = torch.tensor(self.cfg.std, dtype=x.dtype, device=x.device)[None, :, None, None]
         return x.sub_(mean).div_(std)

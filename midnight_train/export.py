@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
 from midnight_train.config import build_dataclass
-from midnight_train.models import ModelConfig, backbone_metadata
+from midnight_train.models import ModelConfig, backbone_metadata, export_timm_kwargs
 from midnight_train.trainer import checkpoint_step, latest_checkpoint
 
 PREFIX = "backbone.vit."
@@ -45,7 +45,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, which: str = "te
                if k.startswith(PREFIX)}
     if img_size is not None and img_size != model_cfg.img_size:
         vit = timm.create_model(model_cfg.arch, pretrained=False,
-                                **{**_kwargs(model_cfg), "img_size": img_size})
+                                **{**export_timm_kwargs(model_cfg), "img_size": img_size})
         prefix = 0 if getattr(vit, "no_embed_class", False) else vit.num_prefix_tokens
         patch = vit.patch_embed.patch_size[0]
         weights["pos_embed"] = resample_abs_pos_embed(
@@ -62,12 +62,6 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, which: str = "te
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out), metadata=meta)
     return out
-
-
-def _kwargs(cfg: ModelConfig) -> dict:
-    from midnight_train.models import timm_kwargs
-
-    return {k: v for k, v in timm_kwargs(cfg).items() if k != "dynamic_img_size"}
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -193,7 +193,12 @@ class SSLNetwork(nn.Module):
         return out
 
 
+def export_timm_kwargs(cfg: ModelConfig) -> dict[str, Any]:
+    """``timm_kwargs`` for an exported backbone: fixed image size (plain timm's default)."""
+    return {k: v for k, v in timm_kwargs(cfg).items() if k != "dynamic_img_size"}
+
+
 def backbone_metadata(cfg: ModelConfig) -> dict[str, str]:
     """String metadata stored in exported safetensors so the model can be rebuilt from the file."""
-    kwargs = {k: v for k, v in timm_kwargs(cfg).items() if k != "dynamic_img_size"}
-    return {"format": "midnight-timm", "arch": cfg.arch, "timm_kwargs": json.dumps(kwargs)}
+    return {"format": "midnight-timm", "arch": cfg.arch,
+            "timm_kwargs": json.dumps(export_timm_kwargs(cfg))}
