@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .shards import safe_slide_id
+from .shards import JPEG_QUALITY, safe_slide_id
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
                     ".svslide")
@@ -29,7 +29,7 @@ class BuildParams:
     hsv_min_fraction: float = 0.6
     shard_size: int = 1000
     mpp_tolerance: float = 0.05
-    jpeg_quality: int = 90
+    jpeg_quality: int = JPEG_QUALITY
     # Reads allowed per (slide, magnification): budget_factor * quota + 64. Bounds the time spent
     # on slides whose tissue mostly fails the colour filter.
     read_budget_factor: float = 8.0

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import openslide
-from PIL import Image
+
+from midnight_prep.job import encode_jpeg
+from midnight_prep.shards import JPEG_QUALITY, manifest_name, sample_key
 
 MPP = 0.499  # the CMU slide's level-0 µm/px
 
@@ -55,12 +57,6 @@ def tissue_tiles(slide_path: str | Path, n: int, size: int = 112, seed: int = 0)
     return [rgb[y : y + size, x : x + size].copy() for x, y in tissue_positions(slide_path, n, size, seed)]
 
 
-def encode_jpeg(tile: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(tile).save(buf, format="JPEG", quality=90, subsampling="4:2:0")
-    return buf.getvalue()
-
-
 def sample_members(key: str, tile: np.ndarray, x: int, y: int, group: str, slide_id: str = "cmu1") -> dict[str, bytes]:
     size = tile.shape[0]
     meta = {
@@ -68,7 +64,7 @@ def sample_members(key: str, tile: np.ndarray, x: int, y: int, group: str, slide
         "extent": size, "level": 0, "read_size": size, "tile_size": size, "foreground": 1.0,
         "hsv_fraction": 1.0, "group": group, "seed": 0,
     }
-    return {"jpg": encode_jpeg(tile), "json": json.dumps(meta).encode()}
+    return {"jpg": encode_jpeg(tile, JPEG_QUALITY), "json": json.dumps(meta).encode()}
 
 
 def write_tar(path: str | Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
@@ -104,7 +100,7 @@ def make_shards(
         samples = []
         for x, y in positions[s * per_shard : (s + 1) * per_shard]:
             tile = rgb[y : y + tile_size, x : x + tile_size]
-            key = f"{group}_{int(MPP * 1000):05d}_{x:07d}_{y:07d}"
+            key = sample_key(group, MPP, x, y)
             samples.append((key, sample_members(key, tile, x, y, group)))
         paths.append(write_tar(Path(out_dir) / f"{prefix}-{s:06d}.tar", samples))
     return paths
@@ -117,9 +113,10 @@ def write_manifest(out_dir: str | Path, job: int, shard_paths: list[Path], sampl
         {"name": p.relative_to(out_dir).as_posix(), "samples": n, "bytes": p.stat().st_size}
         for p, n in zip(shard_paths, samples, strict=True)
     ]
-    path = out_dir / "manifests" / f"job-{job:06d}.json"
+    job_id = f"job-{job:06d}"
+    path = out_dir / manifest_name(job_id)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"job": job, "shards": entries}))
+    path.write_text(json.dumps({"job_id": job_id, "shards": entries, "samples": sum(samples)}))
     return path
 
 
