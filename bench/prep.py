@@ -26,7 +26,7 @@ from midnight_prep.hsv import hsv_fraction
 from midnight_prep.job import encode_jpeg, process_slide
 from midnight_prep.plan import BuildParams, SlideSpec, mpp_key
 from midnight_prep.samples import cache_dir, cmu_small_region, cmu_tissue, write_pyramid
-from midnight_prep.slides import Slide, TiffTileReader
+from midnight_prep.slides import Slide, TiffTileReader, resolve_mpp
 
 MPPS = (2.0, 1.0, 0.5, 0.25)
 TILE = 256
@@ -56,7 +56,7 @@ def run_naive(path: Path, quota: int, seed: int, budget_s: float) -> float:
     """Peer-style: no mask, level-0 OpenSlide reads, PIL resize and PIL HSV."""
     rng = np.random.default_rng(seed)
     osr = openslide.OpenSlide(str(path))
-    mpp0 = float(osr.properties["openslide.mpp-x"]) if "openslide.mpp-x" in osr.properties else 0.499
+    mpp0, _ = resolve_mpp(dict(osr.properties))
     w, h = osr.dimensions
     accepted = 0
     started = time.process_time()
