@@ -186,7 +186,8 @@ def _stain_map_cpu(pixels: torch.Tensor, matrix: torch.Tensor, shift: torch.Tens
     element-wise ops is a pass over memory, fused it is one loop, 3–4× faster (BENCHMARKS.md).
     Without a working C++ compiler it warns once and runs eagerly (same formula, slower)."""
     global _compiled_stain_map
-    if _compiled_stain_map is None:
+    first_call = _compiled_stain_map is None
+    if first_call:
         # Shapes: batch and pixel count symbolic (one compilation per input dtype, whatever the
         # crop sizes); the channel count and the float constants stay fixed, which keeps the loop
         # vectorised (`dynamic=True` would make them symbolic too: 2× slower).
@@ -200,7 +201,7 @@ def _stain_map_cpu(pixels: torch.Tensor, matrix: torch.Tensor, shift: torch.Tens
             torch._dynamo.maybe_mark_dynamic(t, 0)
         torch._dynamo.maybe_mark_dynamic(pixels, 2)
         try:
-            with _quiet_cuda_home_notice():
+            with _quiet_cuda_home_notice() if first_call else contextlib.nullcontext():
                 return _compiled_stain_map(pixels, matrix, shift, floor, True)
         except Exception as err:  # no compiler, no Python headers, …: correctness does not depend on it
             _compiled_stain_map = False
