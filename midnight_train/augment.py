@@ -96,8 +96,9 @@ def _hed_log2_affine(alpha: torch.Tensor, beta: torch.Tensor, device: torch.devi
 # Minimax polynomials (fitted with Lawson's algorithm), degrees chosen for speed: the HED contract
 # is 1/255 against float64, and together they stay below 3e-4 for the training ranges (σα ≤ 0.5);
 # in general log2's error is amplified by the per-image matrix, ≈ 1e-4 · (1 + max row sum |M|).
-# log2(1 + t) ≈ t · Σ _LOG2_POLY[k] tᵏ on t ∈ [0, 1): max error 1.0e-4.
-_LOG2_POLY = (1.4390148510996006, -0.6799453501138677, 0.32559836877835224, -0.08477027476258303)
+# log2(m) − m − 126 ≈ Σ _LOG2_POLY[k] mᵏ on m ∈ [1, 2): max error 8.8e-5 (see `_log2_approx`).
+_LOG2_POLY = (-128.51285627587338, 3.0700954175977313, -2.1206799211410536, 0.6451445376884278,
+              -0.0816161735143957)
 # 2^f ≈ Σ _EXP2_POLY[k] fᵏ on f ∈ [0, 1): max relative error 8.6e-5; exactly 1 at f = 0, 1.99983 at 1.
 _EXP2_POLY = (1.0, 0.695116535777178, 0.22764610777734673, 0.07706601932206271)
 
@@ -120,12 +121,12 @@ def _float_bits(value: float) -> int:
 
 
 def _log2_approx(x: torch.Tensor, floor: float) -> torch.Tensor:
-    """log2(max(x, floor)) for float32 x and a normal floor > 0: exponent bits + polynomial in the
-    mantissa (error ≤ 1e-4)."""
+    """log2(max(x, floor)) for float32 x and a normal floor > 0 (error ≤ 1e-4). For x = 2^e · m,
+    m ∈ [1, 2), its bits read as an integer are 2^23 · (e + 127 + m − 1), so log2 x = e + log2 m
+    = bits / 2^23 + (log2 m − m − 126), and the bracket is a polynomial in m."""
     bits = x.view(torch.int32).clamp_min(_float_bits(floor))
-    exponent = ((bits >> 23) - 127).to(torch.float32)
-    t = ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32) - 1.0  # mantissa − 1 ∈ [0, 1)
-    return exponent + t * _horner(t, _LOG2_POLY)
+    mantissa = ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32)  # m ∈ [1, 2)
+    return bits.to(torch.float32) * 2.0**-23 + _horner(mantissa, _LOG2_POLY)
 
 
 def _exp2_clip_approx(y: torch.Tensor) -> torch.Tensor:
