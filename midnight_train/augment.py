@@ -146,14 +146,15 @@ def _exp2_clip(y: torch.Tensor) -> torch.Tensor:
     return torch.exp2(y.clamp_max(0.0))
 
 
-def _stain_map(pixels: torch.Tensor, matrix: torch.Tensor, shift: torch.Tensor, floor: float,
-               fast: bool = False) -> torch.Tensor:
+def _stain_map(pixels: torch.Tensor, matrix: torch.Tensor, shift: torch.Tensor,
+               floor: float) -> torch.Tensor:
     """rgb' = min(exp2(matrix @ log2(max(pixels, floor)) + shift), 1) for pixels [B, 3, N] (uint8 or
     float), matrix [B, 3, 3], shift [B, 3]; float32 [B, 3, N]. Written per channel in plain
     element-wise ops so that, compiled, it is one loop: 3 logs, 9 multiply-adds and 3 exps per
-    pixel, no temporaries. `fast` takes the polynomial log2/exp2, which compile to a few vector
-    instructions (torch's own are slower calls); eagerly, torch's are cheaper per pass."""
-    if fast:
+    pixel, no temporaries. Compiled it takes the polynomial log2/exp2 (a few vector instructions
+    each; torch's are slower calls); run eagerly (other devices, or compilation unavailable or
+    disabled) torch's own, which are cheaper per pass."""
+    if torch.compiler.is_compiling():
         logs = [_log2_approx(pixels[:, k].to(torch.float32), floor) for k in range(3)]
         exp2 = _exp2_clip_approx
     else:
@@ -203,7 +204,7 @@ def _stain_map_cpu(pixels: torch.Tensor, matrix: torch.Tensor, shift: torch.Tens
         torch._dynamo.maybe_mark_dynamic(pixels, 2)
         try:
             with _quiet_cuda_home_notice() if first_call else contextlib.nullcontext():
-                return _compiled_stain_map(pixels, matrix, shift, floor, True)
+                return _compiled_stain_map(pixels, matrix, shift, floor)
         except Exception as err:  # no compiler, no Python headers, …: correctness does not depend on it
             _compiled_stain_map = False
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]

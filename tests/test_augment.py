@@ -116,6 +116,8 @@ def test_hed_cpu_loop_matches_exact_formula_on_extreme_parameters(tiles):
         assert (error <= bound).all(), (error, bound)
         assert error[[0, 5]].max() < APPROX  # training-range parameters
         assert (exact < 1e-30).any() and (exact == 1).sum() > 100  # both clips were exercised
+        assert (out.double() - exact).abs().max() > 1e-6  # the polynomials ran: the loop was compiled
+    assert augment._compiled_stain_map not in (None, False)
 
 
 def test_hed_runs_eagerly_with_a_warning_when_compilation_fails(tmp_path):
