@@ -185,7 +185,7 @@ _compiled_stain_map: Any = None  # torch.compile'd `_stain_map` for the CPU; Fal
 def _stain_map_cpu(pixels: torch.Tensor, matrix: torch.Tensor, shift: torch.Tensor,
                    floor: float) -> torch.Tensor:
     """`_stain_map` compiled (inductor's C++ backend) the first time it runs: eagerly each of its
-    element-wise ops is a pass over memory, fused it is one loop, 3–4× faster (BENCHMARKS.md).
+    element-wise ops is a pass over memory, fused it is one loop, ~10× faster (BENCHMARKS.md).
     Without a working C++ compiler it warns once and runs eagerly (same formula, slower)."""
     global _compiled_stain_map
     first_call = _compiled_stain_map is None
