@@ -341,7 +341,7 @@ class ColorAugment:
             x = x.float().div_(255) if x.dtype == torch.uint8 else x.clone()
             idx = torch.nonzero(hed_on).flatten()
             if idx.numel():
-                x.index_copy_(0, idx, hed_jitter(src[idx], alpha[idx], beta[idx]).to(x.dtype))
+                x.index_copy_(0, idx, hed_jitter(src[idx], alpha[idx], beta[idx]))  # same dtype as x
         # x is this call's own tensor from here on: each step rewrites only its crops, in place
         factors = torch.stack([1 + u[:, 0] * cfg.brightness, 1 + u[:, 1] * cfg.contrast,
                                1 + u[:, 2] * cfg.saturation, u[:, 3] * cfg.hue], 1).to(x.dtype)
