@@ -88,12 +88,10 @@ def test_hed_uint8_input_matches_float_input_and_reference(tiles):
 
 
 def exact_stain_map(images: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """The same per-image log-space map in float64 with torch's log2/exp2 (no polynomials)."""
-    scale = 255.0 if images.dtype == torch.uint8 else 1.0
-    matrix, shift = augment._hed_log2_affine(alpha, beta, images.device, scale)
-    b, _, h, w = images.shape
-    logs = torch.log2(images.double().reshape(b, 3, -1).clamp_min(1e-6 * scale))
-    return torch.exp2((matrix.double() @ logs + shift.double()[:, :, None]).clamp_max(0)).view(b, 3, h, w)
+    """`hed_reference` (float64) for tensors [B, 3, H, W], uint8 (v/255) or float in [0, 1]."""
+    rgb = images.double() / (255.0 if images.dtype == torch.uint8 else 1.0)
+    ref = hed_reference(rgb.permute(0, 2, 3, 1).numpy(), alpha.double().numpy(), beta.double().numpy())
+    return torch.from_numpy(ref).permute(0, 3, 1, 2)
 
 
 def test_hed_cpu_loop_matches_exact_formula_on_extreme_parameters(tiles):
