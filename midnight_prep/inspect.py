@@ -8,7 +8,7 @@ from collections import Counter
 import fsspec
 from PIL import Image, ImageDraw
 
-from .shards import iter_shard
+from .shards import iter_tiles
 
 
 def shard_stats(url: str, keep: int = 0) -> tuple[dict, list[tuple[Image.Image, dict]]]:
@@ -16,7 +16,7 @@ def shard_stats(url: str, keep: int = 0) -> tuple[dict, list[tuple[Image.Image, 
     fg = hsv = 0.0
     n = 0
     kept = []
-    for _key, jpeg, meta in iter_shard(url):
+    for _key, jpeg, meta in iter_tiles(url):
         n += 1
         per_mpp[f"{meta['mpp']:g}"] += 1
         slides.add(meta["slide_id"])

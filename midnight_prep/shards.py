@@ -10,6 +10,7 @@ import os
 import re
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import fsspec
@@ -134,15 +135,52 @@ def sha256_file(path: str) -> str:
     return h.hexdigest()
 
 
-def iter_shard(url: str):
-    """Yield (key, jpeg bytes, meta) of a shard (local path or fsspec URL)."""
-    with fsspec.open(url, "rb") as f:
-        data = f.read()
-    pending: dict[str, dict] = {}
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+class ShardOpenError(OSError):
+    """A shard that cannot be opened at all (missing, no permission, storage unreachable)."""
+
+
+def read_shard(url: str, on_duplicate: Callable[[str], None] | None = None,
+               ) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Stream the samples of a shard (local path or fsspec URL) as (key, {extension: bytes}), in
+    tar order, without holding the shard in memory. This is the one reader of the format.
+
+    A sample is a run of consecutive members whose names share the part before the first dot
+    of the file name (the webdataset convention: `a/b.c.d` has key `a/b`, extension `c.d`).
+    A member that repeats an extension of its sample is dropped and reported to `on_duplicate`
+    (or raises ValueError without one). Raises ShardOpenError when the shard cannot be opened;
+    any other exception mid-way means damage (a truncated or corrupt tar), after the samples
+    before it were yielded."""
+    try:
+        handle = fsspec.open(url, "rb").open()
+    except Exception as exn:
+        raise ShardOpenError(f"{url}: {exn}") from exn
+    key: str | None = None
+    files: dict[str, bytes] = {}
+    with handle, tarfile.open(fileobj=handle, mode="r|") as tar:
         for member in tar:
-            key, _, ext = member.name.partition(".")
-            pending.setdefault(key, {})[ext] = tar.extractfile(member).read()
-            if {"jpg", "json"} <= pending[key].keys():
-                entry = pending.pop(key)
-                yield key, entry["jpg"], json.loads(entry["json"])
+            if not member.isfile():
+                continue
+            folder, _, name = member.name.rpartition("/")
+            stem, _, ext = name.partition(".")
+            member_key = f"{folder}/{stem}" if folder else stem
+            data = tar.extractfile(member).read()
+            if member_key != key:
+                if key is not None:
+                    yield key, files
+                key, files = member_key, {}
+            if ext in files:
+                message = f"{url}: {member.name} repeats a member of sample {key}"
+                if on_duplicate is None:
+                    raise ValueError(message)
+                on_duplicate(message)
+                continue
+            files[ext] = data
+    if key is not None:
+        yield key, files
+
+
+def iter_tiles(url: str) -> Iterator[tuple[str, bytes, dict]]:
+    """(key, JPEG bytes, metadata) of each complete sample of a shard built by this tool."""
+    for key, files in read_shard(url):
+        if "jpg" in files and "json" in files:
+            yield key, files["jpg"], json.loads(files["json"])

@@ -1,4 +1,4 @@
-"""Test helper: write small shards in the DESIGN.md §2 format from real tissue.
+"""Test helper: write small shards in the shard format (ARCHITECTURE.md, "Sample") from real tissue.
 
 Tiles are cut from the real CC0 CMU-1-Small-Region slide (read once with OpenSlide), encoded as
 RGB JPEG q90 4:2:0 and written as `KEY.jpg` + `KEY.json` tar members. Helpers to damage shards
@@ -17,7 +17,7 @@ import numpy as np
 import openslide
 
 from midnight_prep.job import encode_jpeg
-from midnight_prep.shards import JPEG_QUALITY, manifest_name, sample_key
+from midnight_prep.shards import JPEG_QUALITY, manifest_name, read_shard, sample_key
 
 MPP = 0.499  # the CMU slide's level-0 µm/px
 
@@ -121,13 +121,8 @@ def write_manifest(out_dir: str | Path, job: int, shard_paths: list[Path], sampl
 
 
 def read_tar(path: str | Path) -> list[tuple[str, dict[str, bytes]]]:
-    """Samples of a tar written by write_tar, in order (for building damaged copies)."""
-    samples: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as tar:
-        for info in tar:
-            key, ext = info.name.split(".", 1)
-            samples.setdefault(key, {})[ext] = tar.extractfile(info).read()
-    return list(samples.items())
+    """Samples of a tar, in order (for building damaged copies)."""
+    return list(read_shard(str(path)))
 
 
 def truncate(path: str | Path, keep_fraction: float) -> Path:

@@ -205,7 +205,7 @@ def test_output_to_an_fsspec_url(slide_dir):
     from click.testing import CliRunner
 
     from midnight_prep.cli import main
-    from midnight_prep.shards import iter_shard
+    from midnight_prep.shards import iter_tiles
 
     url = "memory://bucket/run1"
     args = [str(slide_dir / "generic40x.tiff"), "-o", url, "--tiles-per-slide", 8, "--shard-size", 5]
@@ -214,7 +214,7 @@ def test_output_to_an_fsspec_url(slide_dir):
     fs = fsspec.filesystem("memory")
     names = sorted(fs.ls("/bucket/run1/shards", detail=False))
     assert [n.rsplit("/", 1)[-1] for n in names] == ["job-000000-0000.tar", "job-000000-0001.tar"]
-    samples = [s for n in names for s in iter_shard("memory://" + n)]
+    samples = [s for n in names for s in iter_tiles("memory://" + n)]
     assert len(samples) == 8 and all(meta["slide_id"] == "generic40x" for _, _, meta in samples)
     status = CliRunner().invoke(main, ["status", url, "--json"])
     assert json.loads(status.output)["left"] == []
