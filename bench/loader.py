@@ -41,6 +41,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 import shardkit  # noqa: E402
 
 from midnight_prep.samples import cmu_small_region  # noqa: E402
+from midnight_prep.shards import iter_tiles  # noqa: E402
 from midnight_train.augment import (  # noqa: E402
     AugmentConfig,
     ColorAugment,
@@ -49,7 +50,7 @@ from midnight_train.augment import (  # noqa: E402
     hed_jitter,
     sample_hed_params,
 )
-from midnight_train.data import Counters, DataConfig, make_loader, shard_records  # noqa: E402
+from midnight_train.data import DataConfig, make_loader  # noqa: E402
 
 
 def median_rates(runs: dict, repeats: int) -> dict[str, tuple[float, float]]:
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     gen = torch.Generator().manual_seed(0)
 
     # reference: everything per image in PIL/torchvision + skimage HED per crop
-    jpgs = [r["jpg"] for r in shard_records(str(shard_paths[0]), 1, 0, None, Counters())]
+    jpgs = [jpg for _key, jpg, _meta in iter_tiles(str(shard_paths[0]))]
     g1, g2, lo = reference_transforms(g, loc, aug)
 
     def reference():

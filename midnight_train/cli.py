@@ -137,6 +137,17 @@ def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | 
     writes an .npz with `keys` and `embeddings`."""
     from midnight_train.embed import embed_inputs
 
+    skipped: list[str] = []
     n, dim = embed_inputs(weights, list(inputs), out_path, img_size=img_size,
-                          batch_size=batch_size)
-    click.echo(f"wrote {out_path}: {n} embeddings of dimension {dim}")
+                          batch_size=batch_size, skipped=skipped)
+    if n:
+        click.echo(f"wrote {out_path}: {n} embeddings of dimension {dim}")
+    if skipped:
+        click.echo(f"skipped {len(skipped)} unreadable input(s):", err=True)
+        for line in skipped[:20]:
+            click.echo(f"  {line}", err=True)
+        if len(skipped) > 20:
+            click.echo(f"  … and {len(skipped) - 20} more", err=True)
+    if not n:
+        raise click.ClickException(f"no readable image in {' '.join(inputs)}; wrote an empty "
+                                   f"{out_path}")

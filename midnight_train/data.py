@@ -25,11 +25,8 @@ Sources
 -------
 `DataConfig.shards` (one dataset) or `DataConfig.datasets` (a list of
 `{"shards": ..., "weight": 1.0, "group": None, "name": None}` mixed with probabilities
-proportional to `weight`). A shard source is a list of sources, a brace pattern
-(`train-{000000..000999}.tar`), a single `.tar`, a glob, a shard-builder output directory (its
-`manifests/*.json` list the finished shards; without manifests every `*.tar` below it), or a
-prefix (`s3://bucket/train-` → `train-*.tar`); local paths or any fsspec URL. `group` keeps only
-samples whose JSON `group` field equals it (e.g. two datasets from one shard set).
+proportional to `weight`); each is a shard source as `midnight_train.sources` reads it. `group`
+keeps only samples whose JSON `group` field equals it (e.g. two datasets from one shard set).
 
 How the stream is built (and why resume is exact)
 -------------------------------------------------
@@ -46,38 +43,32 @@ resuming re-reads at most one block of raw records (no decoding) and continues b
 Workers produce whole batches; the DataLoader hands them out round-robin, so the loader records
 which logical worker must deliver next and rotates worker ids on resume.
 
-Robustness: an unreadable shard (`shard_error`), a truncated tar (`shard_truncated`, the samples
-before the damage are kept), a sample without `.jpg` or with bad JSON when a group filter needs it
-(`malformed`), and an undecodable or truncated JPEG (`decode_error`) are skipped, counted and
-logged (rate-limited). A stream that finds no readable sample in two passes over its shards raises
-a clear error instead of spinning; the DataLoader `timeout_s` turns a stalled read into an error.
+Robustness: damaged shards and samples are skipped and counted (`midnight_train.records`), and
+so is an undecodable or truncated JPEG (`decode_error`). A stream that finds no readable sample
+in two passes over its shards raises a clear error instead of spinning; the DataLoader
+`timeout_s` turns a stalled read into an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
-import math
-import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import braceexpand
-import fsspec
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from midnight_train.crops import CropBatch, decode_tile, draw_geometry
 from midnight_train.masking import batch_masks
+from midnight_train.records import REASONS, SkipCounts, shard_records
+from midnight_train.sources import assign_shards, shard_counts
 
 log = logging.getLogger(__name__)
 
-REASONS = ("decode_error", "malformed", "shard_error", "shard_truncated")
 STATE_VERSION = 1
 # Seed tags: independent generator families derived from the same (seed, stream, index).
 _TAG_EPOCH, _TAG_PULL, _TAG_GEOMETRY, _TAG_MASK = 101, 102, 103, 104
@@ -130,124 +121,13 @@ class DataConfig:
         return [dict(d) for d in self.datasets]
 
 
-# ----------------------------------------------------------------------------------- sources
-
-
-def list_shards(source: str | list[str]) -> list[str]:
-    """Shard URLs of a source (see the module docstring), sorted within each source."""
-    if isinstance(source, (list, tuple)):
-        return [url for item in source for url in list_shards(item)]
-    if "{" in source:  # listed as given: a missing one is skipped and counted when read
-        return list(braceexpand.braceexpand(source))
-    if source.endswith(".tar") and not any(c in source for c in "*?["):
-        return [source]
-    fs, path = fsspec.core.url_to_fs(source)
-
-    def url(p: str) -> str:
-        return fs.unstrip_protocol(p) if "://" in source else p
-
-    if any(c in path for c in "*?["):
-        return [url(p) for p in sorted(fs.glob(path))]
-    if fs.isdir(path):
-        listed = manifest_counts(source)
-        if listed is not None:
-            return [u for u, n in listed.items() if n is None or n > 0]
-        return [url(p) for p in sorted(fs.glob(posixpath.join(path, "**", "*.tar")))]
-    found = sorted(fs.glob(path + "*.tar"))
-    if not found:
-        raise FileNotFoundError(f"no shards found at {source!r}")
-    return [url(p) for p in found]
-
-
-def manifest_counts(source: str) -> dict[str, int | None] | None:
-    """{shard URL: samples (None where the entry has no count)} from a shard-builder output
-    directory's `manifests/*.json`, sorted by URL; None when `source` has no manifests."""
-    fs, path = fsspec.core.url_to_fs(source)
-    manifests = sorted(fs.glob(posixpath.join(path, "manifests", "*.json")))
-    if not manifests:
-        return None
-    counts: dict[str, int | None] = {}
-    for m in manifests:
-        with fs.open(m, "rb") as f:
-            for entry in json.load(f).get("shards", []):
-                p = posixpath.join(path, entry["name"])
-                n = entry.get("samples")
-                counts[fs.unstrip_protocol(p) if "://" in source else p] = None if n is None else int(n)
-    return dict(sorted(counts.items()))
-
-
-def assign_shards(urls: list[str], stream: int, n_streams: int) -> list[tuple[str, int, int]]:
-    """(url, stride, offset) triples stream `stream` reads: its own shards, or one shared shard
-    of which it takes samples offset, offset + stride, … when shards are fewer than streams."""
-    n = len(urls)
-    if n == 0:
-        raise ValueError("no shards to read")
-    if n >= n_streams:
-        return [(u, 1, 0) for u in urls[stream::n_streams]]
-    sharers = list(range(stream % n, n_streams, n))
-    return [(urls[stream % n], len(sharers), sharers.index(stream))]
-
-
-# ------------------------------------------------------------------------------ shard reading
-
-
-class Counters:
-    """Skip counts by reason with rate-limited warnings (1st, 10th, 100th, … of each reason)."""
-
-    def __init__(self, initial: dict[str, int] | None = None) -> None:
-        self.counts = {r: 0 for r in REASONS}
-        self.counts.update(initial or {})
-
-    def skip(self, reason: str, detail: str) -> None:
-        self.counts[reason] += 1
-        n = self.counts[reason]
-        if n & (n - 1) == 0 or math.log10(n).is_integer():
-            log.warning("skipped (%s, %d so far): %s", reason, n, detail)
-
-
-def shard_records(url: str, stride: int, offset: int, group: str | None,
-                  counters: Counters) -> Iterator[dict[str, Any]]:
-    """Raw samples ({__key__, jpg, json?}) of one shard, every stride-th from offset. Damage
-    ends or skips with a count, never an exception."""
-    try:
-        stream = fsspec.open(url, "rb").open()
-    except Exception as exn:  # missing, permission, network: the shard is skipped
-        counters.skip("shard_error", f"{url}: {exn!r}")
-        return
-
-    def on_duplicate(exn: Exception) -> bool:
-        counters.skip("malformed", f"{url}: {exn}")
-        return True
-
-    members = ({**m, "__url__": url} for m in tar_file_iterator(stream))
-    try:
-        for i, sample in enumerate(group_by_keys(members, handler=on_duplicate)):
-            if i % stride != offset:
-                continue
-            if "jpg" not in sample:
-                counters.skip("malformed", f"{url}: {sample['__key__']} has no .jpg")
-                continue
-            if group is not None:
-                try:
-                    if json.loads(sample["json"]).get("group") != group:
-                        continue
-                except Exception:
-                    counters.skip("malformed", f"{url}: {sample['__key__']} has no valid .json")
-                    continue
-            yield sample
-    except Exception as exn:  # truncated or corrupt tar: keep what came before
-        counters.skip("shard_truncated", f"{url}: {exn!r}")
-    finally:
-        stream.close()
-
-
 class _DatasetReader:
     """One dataset's shards for one stream: endless per-epoch permutations, interleaved slots."""
 
     def __init__(self, index: int, name: str, assigned: list[tuple[str, int, int]], group: str | None,
-                 seed: list[int], interleave: int, counters: Counters) -> None:
+                 seed: list[int], interleave: int, counts: SkipCounts) -> None:
         self.index, self.name, self.assigned, self.group = index, name, assigned, group
-        self.seed, self.counters = seed, counters
+        self.seed, self.counts = seed, counts
         self.n_slots = max(1, min(interleave, len(assigned)))
         self.next_pick = 0
         self.slots: list[list[Any]] = []  # [pick, records read, iterator]
@@ -260,7 +140,8 @@ class _DatasetReader:
             rng = np.random.default_rng(self.seed + [_TAG_EPOCH, self.index, epoch])
             self._perm = (epoch, rng.permutation(len(self.assigned)))
         url, stride, offset = self.assigned[int(self._perm[1][i])]
-        return [pick, 0, shard_records(url, stride, offset, self.group, self.counters)]
+        return [pick, 0, shard_records(url, self.counts, stride=stride, offset=offset,
+                                      group=self.group)]
 
     def start(self) -> None:
         self.slots = [self._open(p) for p in range(self.n_slots)]
@@ -294,93 +175,9 @@ class _DatasetReader:
                 raise RuntimeError(
                     f"dataset {self.name!r}: no readable samples in {len(self.assigned)} shard(s) "
                     f"assigned to this stream (e.g. {self.assigned[0][0]}); skip counts: "
-                    f"{self.counters.counts}")
+                    f"{self.counts.counts}")
             self.slots[k] = self._open(self.next_pick)
             self.next_pick += 1
-
-
-# -------------------------------------------------------------------------------- geometry
-
-
-def random_resized_boxes(rng: np.random.Generator, shape: tuple[int, ...], scale: tuple[float, float],
-                         ratio: tuple[float, float], tries: int = 10) -> np.ndarray:
-    """RandomResizedCrop boxes [*shape, 4] (x0, y0, x1, y1) as fractions of a square tile: area
-    fraction ~ U(scale), log aspect ~ U(log ratio), first of `tries` draws that fits, else the
-    whole tile (torchvision's fallback for a square image)."""
-    area = rng.uniform(scale[0], scale[1], shape + (tries,))
-    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), shape + (tries,)))
-    w, h = np.sqrt(area * aspect), np.sqrt(area / aspect)
-    fits = (w <= 1) & (h <= 1)
-    first = fits.argmax(-1)[..., None]
-    any_fit = fits.any(-1)
-    w = np.where(any_fit, np.take_along_axis(w, first, -1)[..., 0], 1.0)
-    h = np.where(any_fit, np.take_along_axis(h, first, -1)[..., 0], 1.0)
-    x0 = rng.random(shape) * (1 - w)
-    y0 = rng.random(shape) * (1 - h)
-    return np.stack([x0, y0, x0 + w, y0 + h], -1)
-
-
-def draw_geometry(rng: np.random.Generator, n: int, cfg: DataConfig) -> dict[str, np.ndarray]:
-    """Crop boxes and flips/rotations for n samples (crops 0, 1 global, then the local ones)."""
-    n_crops = 2 + cfg.n_local_crops
-    ratio = tuple(cfg.crop_ratio)
-    boxes = np.concatenate([
-        random_resized_boxes(rng, (n, 2), tuple(cfg.global_crop_scale), ratio),
-        random_resized_boxes(rng, (n, cfg.n_local_crops), tuple(cfg.local_crop_scale), ratio),
-    ], axis=1)
-    hflip = rng.random((n, n_crops)) < 0.5
-    if not cfg.hflip:
-        hflip[:] = False
-    rot = rng.integers(0, 4, (n, n_crops)) if cfg.vflip_rot90 else np.zeros((n, n_crops), dtype=np.int64)
-    return {"boxes": boxes, "hflip": hflip, "rot": rot}
-
-
-def decode_tile(jpg: bytes) -> Image.Image:
-    """Fully decoded RGB image; raises on corrupt or truncated data (PIL does not pad)."""
-    img = Image.open(io.BytesIO(jpg))
-    img.load()
-    if img.width < 2 or img.height < 2:
-        raise ValueError(f"tile too small: {img.size}")
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def _pixels(img: Image.Image, size: int, box: tuple[float, float, float, float],
-                   rawmode: str, ystep: int) -> bytes:
-    """The resized crop's packed 3-byte pixels in `rawmode` order, rows bottom-up for ystep −1."""
-    resized = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
-    return resized.tobytes("raw", rawmode, 0, ystep)
-
-
-
-
-def crop(img: Image.Image, box: np.ndarray, size: int, hflip: bool, rot: int,
-         out: np.ndarray | None = None) -> np.ndarray:
-    """One random-resized crop of an RGB tile: a single bicubic, antialiased PIL resize of the
-    sub-pixel box (PIL scales the filter support with the reduction), then flip and rotate
-    (k × 90° counter-clockwise, as PIL's ROTATE_90). Returns HWC uint8 [size, size, 3]
-    (channels last), written into `out` (C-contiguous) when given.
-
-    The pixels leave PIL packed by its raw encoder and land in `out` with one numpy copy: no
-    intermediate array, no transpose. A horizontal flip costs nothing extra: PIL packs the
-    rows bottom-up in BGR order (vertical flip + channel reversal) and that byte string read
-    backwards is the horizontally flipped RGB image (a vertical flip then a 180° turn).
-    Rotations (the `vflip_rot90` option) go through strided numpy views."""
-    w, h = img.size
-    fbox = (float(box[0]) * w, float(box[1]) * h, float(box[2]) * w, float(box[3]) * h)
-    if out is None:
-        out = np.empty((size, size, 3), dtype=np.uint8)
-    elif out.shape != (size, size, 3) or not out.flags.c_contiguous:
-        raise ValueError(f"crop: out must be C-contiguous [{size}, {size}, 3], got {out.shape}")
-    if rot:
-        view = np.frombuffer(_pixels(img, size, fbox, "RGB", 0), dtype=np.uint8).reshape(size, size, 3)
-        if hflip:
-            view = view[:, ::-1]
-        out[...] = np.rot90(view, int(rot), axes=(0, 1))
-    elif hflip:
-        out.reshape(-1)[...] = np.frombuffer(_pixels(img, size, fbox, "BGR", -1), dtype=np.uint8)[::-1]
-    else:
-        out.reshape(-1)[...] = np.frombuffer(_pixels(img, size, fbox, "RGB", 0), dtype=np.uint8)
-    return out
 
 
 # ---------------------------------------------------------------------------- the stream
@@ -390,18 +187,18 @@ class SampleStream:
     """One logical worker's endless stream of batches (runs inside a DataLoader worker)."""
 
     def __init__(self, cfg: DataConfig, shard_lists: list[list[str]], *, seed: int, stream: int,
-                 n_streams: int, worker: int, position: dict[str, Any] | None = None,
-                 include_images: bool = False) -> None:
-        self.cfg, self.worker, self.include_images = cfg, worker, include_images
+                 n_streams: int, worker: int, position: dict[str, Any] | None = None) -> None:
+        self.cfg, self.worker = cfg, worker
         self.seed = [int(seed) & 0xFFFFFFFF, n_streams, stream]
-        self.counters = Counters()
+        self.counts = SkipCounts()
+        self.tile_size: tuple[int, int] | None = None  # the first tile's, to warn about a mix
         specs = cfg.dataset_specs()
         self.weights = np.array([float(s.get("weight", 1.0)) for s in specs])
         self.weights /= self.weights.sum()
         self.readers = [
             _DatasetReader(i, str(s.get("name") or f"dataset{i}"),
                            assign_shards(urls, stream, n_streams), s.get("group"),
-                           self.seed, cfg.shard_interleave, self.counters)
+                           self.seed, cfg.shard_interleave, self.counts)
             for i, (s, urls) in enumerate(zip(specs, shard_lists, strict=True))
         ]
         self.block, self.offset, self.batches = 0, 0, 0
@@ -415,7 +212,7 @@ class SampleStream:
             self.block, self.batches = int(position["block"]), int(position["batches"])
             self._pull_block()
             self.offset = int(position["offset"])
-            self.counters.counts.update(position["counters"])  # restore ran silently counted
+            self.counts.counts.update(position["counters"])  # restore ran silently counted
 
     def _pull_block(self) -> None:
         n = self.cfg.shuffle_buffer
@@ -428,62 +225,53 @@ class SampleStream:
 
     def position(self) -> dict[str, Any]:
         return {"worker": self.worker, "block": self.block, "offset": self.offset,
-                "batches": self.batches, "readers": self.block_start, "counters": dict(self.counters.counts)}
+                "batches": self.batches, "readers": self.block_start, "counters": dict(self.counts.counts)}
+
+    def _check_tile_size(self, record: dict[str, Any], size: tuple[int, int]) -> None:
+        if self.tile_size is None:
+            self.tile_size = size
+        elif size != self.tile_size:  # crops are fractions of the tile: the field of view differs
+            log.warning("tiles of different sizes in one stream (%s is %dx%d, earlier ones %dx%d): "
+                        "crops cover the same fraction of each tile, so their fields of view "
+                        "differ; build the shards with one --tile-size", record["__key__"],
+                        *size, *self.tile_size)
+            self.tile_size = size
+
+    def _next_image(self) -> tuple[dict[str, Any], Any, int]:
+        """The next decodable record of the shuffled blocks, its image and its geometry row."""
+        bad_run = 0
+        while True:
+            if self.offset == len(self.records):
+                self.block += 1
+                self._pull_block()
+                self.offset = 0
+            i = self.offset
+            self.offset += 1
+            record = self.records[i]
+            try:
+                return record, decode_tile(record["jpg"]), i
+            except Exception as exn:
+                self.counts.skip("decode_error", f"{record['__url__']}: {record['__key__']}: {exn!r}")
+                bad_run += 1
+                if bad_run > 10 * self.cfg.shuffle_buffer + 1000:
+                    raise RuntimeError(f"{bad_run} undecodable samples in a row: the shards hold "
+                                       f"no usable JPEG tiles ({self.counts.counts})") from exn
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         cfg = self.cfg
-        b, g, loc, nl = cfg.batch_size, cfg.global_crop_size, cfg.local_crop_size, cfg.n_local_crops
-        bad_run = 0
         while True:
-            # crops are written straight into the batch arrays the tensors wrap (no collation
-            # copy), channels last: each crop is PIL's own HWC byte order, so no transpose
-            gbuf = np.empty((2, b, g, g, 3), dtype=np.uint8)
-            lbuf = np.empty((nl, b, loc, loc, 3), dtype=np.uint8)
-            keys: list[str] = []
-            images: list[np.ndarray] = []
-            while len(keys) < b:
-                if self.offset == len(self.records):
-                    self.block += 1
-                    self._pull_block()
-                    self.offset = 0
-                i = self.offset
-                self.offset += 1
-                record = self.records[i]
-                try:
-                    img = decode_tile(record["jpg"])
-                except Exception as exn:
-                    self.counters.skip("decode_error", f"{record.get('__url__')}: {record['__key__']}: {exn!r}")
-                    bad_run += 1
-                    if bad_run > 10 * cfg.shuffle_buffer + 1000:
-                        raise RuntimeError(f"{bad_run} undecodable samples in a row: the shards "
-                                           f"hold no usable JPEG tiles ({self.counters.counts})") from exn
-                    continue
-                bad_run = 0
-                j = len(keys)
-                boxes, hflips, rots = self.geometry["boxes"][i], self.geometry["hflip"][i], self.geometry["rot"][i]
-                for c in range(2 + nl):
-                    crop(img, boxes[c], g if c < 2 else loc, hflips[c], rots[c],
-                         out=gbuf[c, j] if c < 2 else lbuf[c - 2, j])
-                keys.append(record["__key__"])
-                if self.include_images:
-                    images.append(np.asarray(img))
+            batch = CropBatch(cfg.batch_size, cfg)
+            while not batch.full():
+                record, img, i = self._next_image()
+                self._check_tile_size(record, img.size)
+                batch.add(record["__key__"], img, self.geometry, i)
             rng = np.random.default_rng(self.seed + [_TAG_MASK, self.batches])
-            masks = batch_masks(rng, 2 * b, g // cfg.patch_size,
+            masks = batch_masks(rng, 2 * cfg.batch_size, cfg.global_crop_size // cfg.patch_size,
                                 sample_probability=cfg.mask_sample_probability,
                                 ratio_min_max=tuple(cfg.mask_ratio_min_max),
                                 max_fraction=cfg.mask_max_fraction, min_patches=cfg.mask_min_patches)
             self.batches += 1
-            batch = {
-                # [2, B, 3, G, G] / [n_local, B, 3, L, L] views of the channels-last buffers
-                "global_crops": torch.from_numpy(gbuf).permute(0, 1, 4, 2, 3),
-                "local_crops": torch.from_numpy(lbuf).permute(0, 1, 4, 2, 3),
-                "masks": torch.from_numpy(masks),
-                "keys": keys,
-                "_position": self.position(),
-            }
-            if self.include_images:
-                batch["_images"] = images
-            yield batch
+            yield {**batch.tensors(), "masks": torch.from_numpy(masks), "_position": self.position()}
 
 
 class ShardStreamDataset(IterableDataset):
@@ -532,7 +320,15 @@ class Loader:
                             {k: state.get(k) for k in self.identity}, self.identity, stream_seed)
         self.stream_seed = stream_seed
         self.positions = positions
-        shard_lists = [list_shards(s["shards"]) for s in cfg.dataset_specs()]
+        shard_lists = []
+        for spec in cfg.dataset_specs():
+            listed = shard_counts(spec["shards"])
+            shard_lists.append([url for url, _ in listed])
+            known = [n for _, n in listed if n is not None]
+            if len(known) == len(listed) and sum(known) < cfg.batch_size * world_size:
+                log.warning("dataset %r has %d samples, fewer than one global batch (%d × %d "
+                            "processes): every batch repeats tiles", spec.get("name"),
+                            sum(known), cfg.batch_size, world_size)
         self.dataset = ShardStreamDataset(cfg, shard_lists, seed=stream_seed, rank=rank,
                                           world_size=world_size)
 
@@ -585,5 +381,4 @@ def config_from_dict(section: dict[str, Any]) -> DataConfig:
     return DataConfig(**section)
 
 
-__all__ = ["DataConfig", "Loader", "make_loader", "list_shards", "manifest_counts", "assign_shards",
-           "REASONS", "config_from_dict"]
+__all__ = ["DataConfig", "Loader", "make_loader", "config_from_dict"]

@@ -3,16 +3,18 @@
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
 
+import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from midnight_prep.shards import read_shard
+from midnight_train.crops import decode_tile
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 
@@ -26,22 +28,28 @@ def cls_mean_embedding(model: torch.nn.Module, images: torch.Tensor) -> torch.Te
     return torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=-1)
 
 
-def iter_images(inputs: list[str]) -> Iterator[tuple[str, Image.Image]]:
-    """(key, RGB image) from image files, directories of images and webdataset .tar shards."""
+def iter_encoded(inputs: list[str], skip: Callable[[str], None]) -> Iterator[tuple[str, bytes]]:
+    """(key, encoded image) from image files, directories of images and webdataset .tar shards
+    (local paths or fsspec URLs). A shard that cannot be read, or breaks off, is reported to
+    `skip` and the inputs go on."""
     for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            yield from iter_images([str(p) for p in sorted(path.rglob("*"))
-                                    if p.suffix.lower() in IMAGE_SUFFIXES | {".tar"}])
-        elif path.suffix == ".tar":
-            with tarfile.open(path) as tar:
-                for member in tar:
-                    name = member.name
-                    if member.isfile() and Path(name).suffix.lower() in {".jpg", ".jpeg", ".png"}:
-                        data = tar.extractfile(member).read()
-                        yield name.split(".", 1)[0], Image.open(io.BytesIO(data)).convert("RGB")
-        elif path.suffix.lower() in IMAGE_SUFFIXES:
-            yield str(path), Image.open(path).convert("RGB")
+        suffix = PurePosixPath(item).suffix.lower()
+        if "://" not in item and Path(item).is_dir():
+            yield from iter_encoded([str(p) for p in sorted(Path(item).rglob("*"))
+                                     if p.suffix.lower() in IMAGE_SUFFIXES | {".tar"}], skip)
+        elif suffix == ".tar":
+            try:
+                for key, files in read_shard(item, on_duplicate=skip):
+                    image = next((files[e] for e in ("jpg", "jpeg", "png") if e in files), None)
+                    if image is None:
+                        skip(f"{item}: {key} has no .jpg/.jpeg/.png")
+                    else:
+                        yield key, image
+            except Exception as exn:
+                skip(f"{item}: unreadable or damaged shard ({exn})")
+        elif suffix in IMAGE_SUFFIXES:
+            with fsspec.open(item, "rb") as f:
+                yield item, f.read()
         else:
             raise ValueError(f"{item}: not an image, a directory or a .tar shard")
 
@@ -56,9 +64,11 @@ def to_tensor(img: Image.Image, size: int, mean: torch.Tensor, std: torch.Tensor
 
 def embed_inputs(weights: str | Path, inputs: list[str], out: str | Path, *,
                  img_size: int | None = None, batch_size: int = 64,
-                 device: str | None = None) -> tuple[int, int]:
+                 device: str | None = None, skipped: list[str] | None = None) -> tuple[int, int]:
     """Embed every input tile with an exported backbone and write ``out`` (.npz with ``keys`` and
-    ``embeddings`` float32 ``[N, 2 * dim]``). Returns (tiles, embedding dimension)."""
+    ``embeddings`` float32 ``[N, 2 * dim]``). Returns (tiles, embedding dimension). Unreadable
+    images and shards are skipped and described in ``skipped`` (when given)."""
+    skipped = [] if skipped is None else skipped
     from midnight_train.export import load_exported, read_metadata
 
     meta = read_metadata(weights)
@@ -78,7 +88,12 @@ def embed_inputs(weights: str | Path, inputs: list[str], out: str | Path, *,
             chunks.append(cls_mean_embedding(model, batch).float().cpu().numpy())
             pending.clear()
 
-    for key, img in iter_images(inputs):
+    for key, data in iter_encoded(inputs, skipped.append):
+        try:
+            img = decode_tile(data)
+        except Exception as exn:
+            skipped.append(f"{key}: not a readable image ({exn})")
+            continue
         keys.append(key)
         pending.append(to_tensor(img, size, mean, std))
         if len(pending) == batch_size:

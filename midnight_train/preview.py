@@ -4,7 +4,6 @@ augmented global crops and its local crops, exactly as the training pipeline pro
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import Counter
 from pathlib import Path
@@ -15,15 +14,10 @@ import torch
 from PIL import Image
 
 from midnight_train.augment import AugmentConfig, ColorAugment
-from midnight_train.data import (
-    Counters,
-    DataConfig,
-    SampleStream,
-    decode_tile,
-    list_shards,
-    manifest_counts,
-    shard_records,
-)
+from midnight_train.crops import CropBatch, decode_tile, draw_geometry
+from midnight_train.data import DataConfig
+from midnight_train.records import SkipCounts, shard_records
+from midnight_train.sources import list_shards, manifest_counts
 
 PAD = 4
 
@@ -31,12 +25,12 @@ PAD = 4
 def inspect_source(source: str, *, n_samples: int = 200, count_shards: int = 16) -> dict[str, Any]:
     """A summary of a shard source (JSON-serialisable): the shards found; samples per shard from
     the shard builder's manifests when present, else counted by reading up to `count_shards`
-    shards; the `group` and `mpp` (µm/px) values of the first `n_samples` samples' JSON, whose
-    JPEGs are also decoded; and what was skipped on the way, by the loader's reasons (plus
+    shards; the `group`, `mpp` (µm/px) and `tile_size` values of the first `n_samples` samples'
+    JSON, whose JPEGs are also decoded (their pixel sizes count as tile sizes); and what was skipped on the way, by the loader's reasons (plus
     `bad_json` for a sample whose JSON does not parse)."""
     shards = list_shards(source)
     listed = manifest_counts(source) if isinstance(source, str) else None
-    counters = Counters()
+    counts_skipped = SkipCounts()
     counts: dict[str, int] = {}
     if listed is not None and all(listed.get(u) is not None for u in shards):
         counted_from = "manifests"
@@ -44,14 +38,15 @@ def inspect_source(source: str, *, n_samples: int = 200, count_shards: int = 16)
     else:
         counted_from = "reading"
         for url in shards[:count_shards]:
-            counts[url] = sum(1 for _ in shard_records(url, 1, 0, None, counters))
+            counts[url] = sum(1 for _ in shard_records(url, counts_skipped))
     groups: Counter[str] = Counter()
     mpps: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
     seen = bad_json = 0
     for url in shards:
         if seen >= n_samples:
             break
-        for record in shard_records(url, 1, 0, None, counters):
+        for record in shard_records(url, counts_skipped):
             if seen >= n_samples:
                 break
             seen += 1
@@ -65,9 +60,10 @@ def inspect_source(source: str, *, n_samples: int = 200, count_shards: int = 16)
             groups[str(meta.get("group"))] += 1
             mpps[str(meta.get("mpp"))] += 1
             try:
-                decode_tile(record["jpg"])
+                width, height = decode_tile(record["jpg"]).size
+                sizes[f"{width}x{height}"] += 1
             except Exception as exn:
-                counters.skip("decode_error", f"{url}: {record['__key__']}: {exn!r}")
+                counts_skipped.skip("decode_error", f"{url}: {record['__key__']}: {exn!r}")
     per_shard = list(counts.values())
     return {
         "source": source, "shards": len(shards),
@@ -76,8 +72,8 @@ def inspect_source(source: str, *, n_samples: int = 200, count_shards: int = 16)
                     "mean": sum(per_shard) / len(per_shard) if per_shard else 0.0,
                     "per_shard": counts},
         "first_samples": seen, "groups": dict(groups.most_common()),
-        "mpp": dict(sorted(mpps.items())),
-        "skipped": {**counters.counts, "bad_json": bad_json},
+        "mpp": dict(sorted(mpps.items())), "tile_sizes": dict(sizes.most_common()),
+        "skipped": {**counts_skipped.counts, "bad_json": bad_json},
     }
 
 
@@ -96,6 +92,10 @@ def format_inspection(info: dict[str, Any]) -> str:
 
     lines.append(f"first {n} samples: groups: {share(info['groups'])}")
     lines.append(f"first {n} samples: µm/px: {share(info['mpp'])}")
+    lines.append(f"first {n} samples: tile sizes: {share(info['tile_sizes'])}")
+    if len(info["tile_sizes"]) > 1:
+        lines.append("warning: tiles of different sizes: crops cover the same fraction of each "
+                     "tile, so their fields of view differ; build shards with one --tile-size")
     lines.append("skipped: " + ", ".join(f"{k} {v}" for k, v in info["skipped"].items()))
     return "\n".join(lines)
 
@@ -109,20 +109,34 @@ def _to_uint8(x: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarra
 
 def preview_batch(data_cfg: DataConfig, aug_cfg: AugmentConfig, *, n_samples: int = 4,
                   seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """(original tiles, augmented global crops [2, n, G, G, 3], local crops [n_local, n, L, L, 3])."""
-    cfg = dataclasses.replace(data_cfg, batch_size=n_samples, num_workers=0,
-                              shuffle_buffer=min(data_cfg.shuffle_buffer, 8 * n_samples))
-    shard_lists = [list_shards(s["shards"]) for s in cfg.dataset_specs()]
-    stream = SampleStream(cfg, shard_lists, seed=seed, stream=0, n_streams=1, worker=0,
-                          include_images=True)
-    batch = next(iter(stream))
-    out = ColorAugment(aug_cfg)(batch, torch.Generator().manual_seed(seed))
+    """(original tiles, augmented global crops [2, n, G, G, 3], local crops [n_local, n, L, L, 3])
+    of the first `n_samples` decodable tiles of the source, cut and augmented by the training
+    pipeline's own functions."""
+    batch = CropBatch(n_samples, data_cfg)
+    geometry = draw_geometry(np.random.default_rng(seed), n_samples, data_cfg)
+    originals: list[np.ndarray] = []
+    skipped = SkipCounts()
+    urls = [u for spec in data_cfg.dataset_specs() for u in list_shards(spec["shards"])]
+    for record in (r for url in urls for r in shard_records(url, skipped)):
+        try:
+            img = decode_tile(record["jpg"])
+        except Exception as exn:
+            skipped.skip("decode_error", f"{record['__url__']}: {record['__key__']}: {exn!r}")
+            continue
+        batch.add(record["__key__"], img, geometry, len(originals))
+        originals.append(np.asarray(img))
+        if batch.full():
+            break
+    if not batch.full():
+        raise ValueError(f"found only {len(originals)} decodable tiles for a preview of "
+                         f"{n_samples} (skipped: {skipped.counts})")
+    out = ColorAugment(aug_cfg)(batch.tensors(), torch.Generator().manual_seed(seed))
     mean, std = list(aug_cfg.mean), list(aug_cfg.std)
     g = _to_uint8(out["global_crops"], mean, std)
     g = g.reshape(2, n_samples, *g.shape[1:])
     loc = _to_uint8(out["local_crops"], mean, std)
-    loc = loc.reshape(cfg.n_local_crops, n_samples, *loc.shape[1:])
-    return batch["_images"], g, loc
+    loc = loc.reshape(data_cfg.n_local_crops, n_samples, *loc.shape[1:])
+    return originals, g, loc
 
 
 def render_preview(data_cfg: DataConfig, aug_cfg: AugmentConfig, out: str | Path, *,

@@ -56,6 +56,7 @@ def test_inspect_counts_shards_samples_groups_mpp_and_damage(tmp_path, cmu_slide
     assert info["first_samples"] == 12
     assert info["groups"] == {"nki": 11, "None": 1} and info["mpp"] == {str(shardkit.MPP): 11, "None": 1}
     assert info["skipped"]["decode_error"] == 1 and info["skipped"]["bad_json"] == 1
+    assert info["tile_sizes"] == {"32x32": 11}  # every decodable JPEG
     assert info["skipped"]["malformed"] >= 1
     # with the builder's manifests: counts come from them, and the human-readable form
     shardkit.write_manifest(out, 0, paths, [5, 5])
@@ -64,5 +65,10 @@ def test_inspect_counts_shards_samples_groups_mpp_and_damage(tmp_path, cmu_slide
     assert "shards: 2" in result.output and "(from manifests): min 5, mean 5.0, max 5; total 10" in result.output
     assert "first 3 samples: groups: nki 3 (100%)" in result.output
     assert f"µm/px: {shardkit.MPP} 3 (100%)" in result.output and "decode_error 0" in result.output
+    assert "tile sizes: 32x32 3 (100%)" in result.output and "warning" not in result.output
+    shardkit.make_shards(out / "shards", cmu_slide, n_shards=1, per_shard=2, tile_size=48, prefix="big")
+    mixed = runner.invoke(main, ["data", "inspect", str(out / "shards")])
+    assert "32x32" in mixed.output and "48x48" in mixed.output
+    assert "warning: tiles of different sizes" in mixed.output
     missing = runner.invoke(main, ["data", "inspect", str(tmp_path / "nothing-")])
     assert missing.exit_code != 0 and "no shards found" in missing.output

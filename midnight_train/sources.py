@@ -1,0 +1,82 @@
+"""Where the training shards are: a source spec → the shard URLs, and which stream reads which.
+
+A shard source is a list of sources, a brace pattern (`train-{000000..000999}.tar`), a single
+`.tar`, a glob, a shard-builder output directory (its `manifests/*.json` list the finished
+shards; without manifests every `*.tar` below it), or a prefix (`s3://bucket/train-` →
+`train-*.tar`); local paths or any fsspec URL."""
+
+from __future__ import annotations
+
+import json
+import posixpath
+
+import braceexpand
+import fsspec
+
+
+def list_shards(source: str | list[str]) -> list[str]:
+    """Shard URLs of a source, sorted within each source."""
+    return [url for url, _ in shard_counts(source)]
+
+
+def shard_counts(source: str | list[str]) -> list[tuple[str, int | None]]:
+    """(shard URL, samples) of a source; samples come from the shard builder's manifests and
+    are None where unknown (no manifests: the shards are not read here)."""
+    if isinstance(source, (list, tuple)):
+        return [entry for item in source for entry in shard_counts(item)]
+    if "{" in source:  # listed as given: a missing one is skipped and counted when read
+        return [(url, None) for url in braceexpand.braceexpand(source)]
+    if source.endswith(".tar") and not any(c in source for c in "*?["):
+        return [(source, None)]
+    fs, path = fsspec.core.url_to_fs(source)
+
+    def url(p: str) -> str:
+        return fs.unstrip_protocol(p) if "://" in source else p
+
+    if any(c in path for c in "*?["):
+        found = [url(p) for p in sorted(fs.glob(path))]
+    elif fs.isdir(path):
+        listed = manifest_counts(source)
+        if listed is not None:
+            return [(u, n) for u, n in listed.items() if n is None or n > 0]
+        found = [url(p) for p in sorted(fs.glob(posixpath.join(path, "**", "*.tar")))]
+    else:
+        found = [url(p) for p in sorted(fs.glob(path + "*.tar"))]
+    if not found:
+        raise FileNotFoundError(f"no shards found at {source!r} (a directory, glob or prefix "
+                                f"with no *.tar below it)")
+    return [(u, None) for u in found]
+
+
+def manifest_counts(source: str) -> dict[str, int | None] | None:
+    """{shard URL: samples (None where the entry has no count)} from a shard-builder output
+    directory's `manifests/*.json`, sorted by URL; None when `source` has no manifests."""
+    fs, path = fsspec.core.url_to_fs(source)
+    manifests = sorted(fs.glob(posixpath.join(path, "manifests", "*.json")))
+    if not manifests:
+        return None
+    counts: dict[str, int | None] = {}
+    for m in manifests:
+        try:
+            with fs.open(m, "rb") as f:
+                entries = json.load(f).get("shards", [])
+        except (ValueError, AttributeError) as exn:
+            raise ValueError(f"{m}: not a valid shard manifest ({exn}); rebuild that job with "
+                             f"midnight-prep or delete the manifest") from exn
+        for entry in entries:
+            p = posixpath.join(path, entry["name"])
+            n = entry.get("samples")
+            counts[fs.unstrip_protocol(p) if "://" in source else p] = None if n is None else int(n)
+    return dict(sorted(counts.items()))
+
+
+def assign_shards(urls: list[str], stream: int, n_streams: int) -> list[tuple[str, int, int]]:
+    """(url, stride, offset) triples stream `stream` reads: its own shards, or one shared shard
+    of which it takes samples offset, offset + stride, … when shards are fewer than streams."""
+    n = len(urls)
+    if n == 0:
+        raise ValueError("no shards to read")
+    if n >= n_streams:
+        return [(u, 1, 0) for u in urls[stream::n_streams]]
+    sharers = list(range(stream % n, n_streams, n))
+    return [(urls[stream % n], len(sharers), sharers.index(stream))]
