@@ -1,18 +1,24 @@
-"""`midnight-train` command line. Commands: `data inspect`, `data preview` (here); the trainer adds
-fit/export/embed."""
+"""`midnight-train` command line: `fit`, `export`, `embed`, `data inspect`, `data preview`.
+Heavy imports (torch, timm, accelerate) happen inside each command, so `--help` is quick."""
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import click
-import yaml
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Train pathology foundation models on midnight-prep shards."""
+    """Train pathology foundation models on midnight-prep shards (DINOv2 with the Midnight
+    recipe), export them for timm, and embed tiles.
+
+    \b
+      midnight-train data preview OUT --out preview.png
+      accelerate launch -m midnight_train fit examples/tiny-cpu.yaml data.shards=OUT
+      midnight-train export out/train model.safetensors
+      midnight-train embed model.safetensors tiles/ --out embeddings.npz
+    """
 
 
 @main.group()
@@ -29,8 +35,13 @@ def data() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def inspect(source: str, n_samples: int, count_shards: int, as_json: bool) -> None:
     """Summarise a shard SOURCE: shards found, samples per shard (from the shard builder's
-    manifests when present, else by counting), groups and µm/px of the first samples, and the
-    damaged/skipped samples met on the way."""
+    manifests when present, else by counting), groups, µm/px and tile sizes of the first
+    samples, and the damaged/skipped samples met on the way.
+
+    \b
+      midnight-train data inspect out/                  # a midnight-prep output directory
+      midnight-train data inspect 's3://bucket/tcga-100M/shards/job-{000000..000099}-0000.tar' --json
+    """
     import json
 
     from midnight_train.preview import format_inspection, inspect_source
@@ -54,30 +65,35 @@ def inspect(source: str, n_samples: int, count_shards: int, as_json: bool) -> No
 @click.option("--hed-sigma-beta", type=float, help="Override augment.hed_sigma_beta.")
 def preview(source: str | None, config_path: str | None, out_path: str, samples: int, seed: int,
             hed_only: bool, hed_sigma_alpha: float | None, hed_sigma_beta: float | None) -> None:
-    """Write a PNG grid: per sample the original tile, its augmented global and local crops.
+    """Write a PNG grid: per sample the original tile, its augmented global and local crops,
+    cut and augmented by the training pipeline's own functions.
 
     SOURCE is a shard source (output directory, brace pattern, .tar, prefix, fsspec URL);
-    it replaces the config's data.shards/datasets.
+    it replaces the config's data.shards/datasets. The config is read and checked exactly as
+    `fit` reads it.
+
+    \b
+      midnight-train data preview out/ --out preview.png
+      midnight-train data preview --config examples/midnight-12k.yaml --hed-only --samples 8
     """
-    from midnight_train.augment import AugmentConfig
-    from midnight_train.data import config_from_dict
+    from midnight_train.config import ConfigError, load_config
     from midnight_train.preview import render_preview
 
-    raw = yaml.safe_load(Path(config_path).read_text()) if config_path else {}
-    data_section = dict(raw.get("data") or {})
-    if source:
-        data_section.pop("datasets", None)
-        data_section["shards"] = source
-    if not data_section.get("shards") and not data_section.get("datasets"):
-        raise click.UsageError("give a SOURCE or a --config with data.shards/datasets")
-    data_cfg = config_from_dict(data_section)
-    aug_cfg = AugmentConfig(**(raw.get("augment") or {}))
+    try:
+        cfg = load_config(config_path, [f"data.shards={source}"] if source else [])
+    except (ConfigError, ValueError) as err:
+        hint = "" if source or config_path else " (give a SOURCE or a --config with data.shards)"
+        raise click.UsageError(f"{err}{hint}") from err
+    data_cfg, aug_cfg = cfg.data, cfg.augment
     overrides = {k: v for k, v in (("hed_sigma_alpha", hed_sigma_alpha), ("hed_sigma_beta", hed_sigma_beta)) if v is not None}
     if hed_only:
         overrides.update(jitter_p=0.0, grayscale_p=0.0, blur_p_global1=0.0, blur_p_global2=0.0,
                          blur_p_local=0.0, solarize_p_global2=0.0, hed_p=1.0)
     aug_cfg = dataclasses.replace(aug_cfg, **overrides)
-    path = render_preview(data_cfg, aug_cfg, out_path, n_samples=samples, seed=seed)
+    try:
+        path = render_preview(data_cfg, aug_cfg, out_path, n_samples=samples, seed=seed)
+    except (FileNotFoundError, ValueError) as err:
+        raise click.ClickException(str(err)) from err
     click.echo(f"wrote {path}")
 
 
@@ -133,8 +149,14 @@ def export(checkpoint: str, out: str, which: str, img_size: int | None) -> None:
 @click.option("--batch-size", default=64, show_default=True)
 def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | None,
           batch_size: int) -> None:
-    """CLS+Mean embeddings of INPUTS (images, directories, .tar shards) with exported WEIGHTS;
-    writes an .npz with `keys` and `embeddings`."""
+    """CLS+Mean embeddings of INPUTS (images, directories, .tar shards; local paths or fsspec
+    URLs) with exported WEIGHTS; writes an .npz with `keys` and `embeddings`. Unreadable images
+    and damaged shards are skipped and listed.
+
+    \b
+      midnight-train embed model.safetensors tiles/ --out embeddings.npz
+      midnight-train embed model.safetensors s3://bucket/run/shards/job-000000-0000.tar
+    """
     from midnight_train.embed import embed_inputs
 
     skipped: list[str] = []

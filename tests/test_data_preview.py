@@ -72,3 +72,33 @@ def test_inspect_counts_shards_samples_groups_mpp_and_damage(tmp_path, cmu_slide
     assert "warning: tiles of different sizes" in mixed.output
     missing = runner.invoke(main, ["data", "inspect", str(tmp_path / "nothing-")])
     assert missing.exit_code != 0 and "no shards found" in missing.output
+
+
+def test_preview_reads_the_config_as_fit_does(tmp_path, cmu_slide):
+    """Unknown keys are refused with their names (no traceback), and YAML's string "1e-2" is a
+    number, exactly as `fit` reads the same file."""
+    shardkit.make_shards(tmp_path / "out" / "shards", cmu_slide, n_shards=1, per_shard=4, tile_size=64)
+    small = {"global_crop_size": 28, "local_crop_size": 14, "n_local_crops": 2}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"data": {"shards": "x", **small}, "augment": {"hed_sigma_gamma": 1}}))
+    result = CliRunner().invoke(main, ["data", "preview", str(tmp_path / "out"), "--config", str(bad),
+                                       "--out", str(tmp_path / "p.png")])
+    assert result.exit_code == 2 and "hed_sigma_gamma" in result.output
+    assert "Traceback" not in result.output
+    good = tmp_path / "good.yaml"
+    good.write_text("data:\n  shards: x\n  global_crop_size: 28\n  local_crop_size: 14\n"
+                    "  n_local_crops: 2\naugment:\n  hed_sigma_beta: 1e-2\n")
+    result = CliRunner().invoke(main, ["data", "preview", str(tmp_path / "out"), "--config", str(good),
+                                       "--out", str(tmp_path / "p.png"), "--samples", "2"])
+    assert result.exit_code == 0, result.output
+    assert Image.open(tmp_path / "p.png").size == (4 + 3 * 32 + 1 * 16, 4 + 2 * 32)  # locals 12 px
+
+
+def test_both_commands_accept_dash_h():
+    from midnight_prep.cli import main as prep_main
+
+    for cli in (main, prep_main):
+        result = CliRunner().invoke(cli, ["-h"])
+        assert result.exit_code == 0 and "Usage:" in result.output
+    fit_help = CliRunner().invoke(main, ["fit", "-h"]).output
+    assert "\n  midnight-train fit examples/tiny-cpu.yaml" in fit_help  # example lines kept apart
