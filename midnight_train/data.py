@@ -51,7 +51,6 @@ in two passes over its shards raises a clear error instead of spinning; the Data
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Iterator
@@ -372,13 +371,4 @@ def make_loader(cfg: DataConfig, *, seed: int, rank: int, world_size: int,
     return Loader(cfg, seed=seed, rank=rank, world_size=world_size, state=state)
 
 
-def config_from_dict(section: dict[str, Any]) -> DataConfig:
-    """DataConfig from a YAML `data:` section, rejecting unknown keys with their names."""
-    known = {f.name for f in dataclasses.fields(DataConfig)}
-    unknown = sorted(set(section) - known)
-    if unknown:
-        raise ValueError(f"unknown data config keys: {unknown}")
-    return DataConfig(**section)
-
-
-__all__ = ["DataConfig", "Loader", "make_loader", "config_from_dict"]
+__all__ = ["DataConfig", "Loader", "make_loader"]

@@ -10,7 +10,8 @@ import pytest
 import shardkit
 import torch
 
-from midnight_train.data import DataConfig, config_from_dict, make_loader
+from midnight_train.config import build_dataclass
+from midnight_train.data import DataConfig, make_loader
 from midnight_train.sources import assign_shards, list_shards
 
 SMALL = dict(global_crop_size=56, local_crop_size=28, n_local_crops=4, patch_size=14, timeout_s=60)
@@ -71,8 +72,9 @@ def test_batches_have_the_contracted_layout(shard_dir, cmu_slide):
 
 def test_config_rejects_unknown_keys_and_accepts_yaml_lists(shard_dir):
     with pytest.raises(ValueError, match="bogus"):
-        config_from_dict({"shards": str(shard_dir), "bogus": 1})
-    c = config_from_dict({"shards": str(shard_dir), "global_crop_scale": [0.4, 1.0], "datasets": None})
+        build_dataclass(DataConfig, {"shards": str(shard_dir), "bogus": 1}, "data")
+    c = build_dataclass(DataConfig, {"shards": str(shard_dir), "global_crop_scale": [0.4, 1.0],
+                                     "datasets": None}, "data")
     assert list(c.global_crop_scale) == [0.4, 1.0]
 
 
