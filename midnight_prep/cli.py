@@ -148,7 +148,17 @@ def _execute(plan: Plan, jobs, workers: int) -> int:
     return 1 if failed_jobs or summary["failed"] else 0
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        from .versions import describe
+
+        click.echo(describe("midnight-prep"))
+        ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the versions in use (PIL flavour: pillow or pillow-simd) and exit.")
 def main() -> None:
     """Turn whole-slide images into filtered, multi-magnification webdataset shards.
 

@@ -8,7 +8,24 @@ import dataclasses
 import click
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    import timm
+    import torch
+
+    from midnight_prep.versions import describe
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    click.echo(describe("midnight-train", (
+        f"torch {torch.__version__} (CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+        f"{gpu}), timm {timm.__version__}",)))
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="Show the versions in use (PIL flavour, torch, timm) and exit.")
 def main() -> None:
     """Train pathology foundation models on midnight-prep shards (DINOv2 with the Midnight
     recipe), export them for timm, and embed tiles.
