@@ -64,7 +64,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from midnight_train.crops import CropBatch, decode_tile, draw_geometry
 from midnight_train.masking import batch_masks
 from midnight_train.records import REASONS, SkipCounts, shard_records
-from midnight_train.sources import assign_shards, shard_counts
+from midnight_train.sources import assign_shards, check_reachable, shard_counts
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,8 @@ class DataConfig:
     shard_interleave: int = 4  # shards a stream reads from at once
     prefetch_factor: int = 2
     timeout_s: float = 600.0  # a worker silent for this long is an error, not a hang
+    # storage down this long stops the run; below timeout_s (default: half of it)
+    read_retry_s: float | None = None
     global_crop_size: int = 224
     global_crop_scale: tuple[float, float] | list[float] = (0.32, 1.0)
     n_local_crops: int = 8
@@ -108,6 +110,12 @@ class DataConfig:
                 raise ValueError(f"data.{name} must be [low, high], got {pair!r}")
         if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer < 1:
             raise ValueError("data: batch_size ≥ 1, num_workers ≥ 0 and shuffle_buffer ≥ 1 required")
+        if self.read_retry_s is None:
+            self.read_retry_s = self.timeout_s / 2
+        if not 0 <= self.read_retry_s < self.timeout_s:
+            raise ValueError(f"data.read_retry_s ({self.read_retry_s:g}) must be ≥ 0 and below "
+                             f"data.timeout_s ({self.timeout_s:g}), or a worker waiting for "
+                             f"storage is taken for a hung one")
         for spec in self.dataset_specs():
             unknown = set(spec) - {"shards", "weight", "group", "name"}
             if unknown or "shards" not in spec or float(spec.get("weight", 1.0)) <= 0:
@@ -124,8 +132,9 @@ class _DatasetReader:
     """One dataset's shards for one stream: endless per-epoch permutations, interleaved slots."""
 
     def __init__(self, index: int, name: str, assigned: list[tuple[str, int, int]], group: str | None,
-                 seed: list[int], interleave: int, counts: SkipCounts) -> None:
+                 seed: list[int], interleave: int, counts: SkipCounts, retry_s: float) -> None:
         self.index, self.name, self.assigned, self.group = index, name, assigned, group
+        self.retry_s = retry_s
         self.seed, self.counts = seed, counts
         self.n_slots = max(1, min(interleave, len(assigned)))
         self.next_pick = 0
@@ -140,7 +149,7 @@ class _DatasetReader:
             self._perm = (epoch, rng.permutation(len(self.assigned)))
         url, stride, offset = self.assigned[int(self._perm[1][i])]
         return [pick, 0, shard_records(url, self.counts, stride=stride, offset=offset,
-                                      group=self.group)]
+                                      group=self.group, retry_s=self.retry_s)]
 
     def start(self) -> None:
         self.slots = [self._open(p) for p in range(self.n_slots)]
@@ -197,7 +206,7 @@ class SampleStream:
         self.readers = [
             _DatasetReader(i, str(s.get("name") or f"dataset{i}"),
                            assign_shards(urls, stream, n_streams), s.get("group"),
-                           self.seed, cfg.shard_interleave, self.counts)
+                           self.seed, cfg.shard_interleave, self.counts, cfg.read_retry_s)
             for i, (s, urls) in enumerate(zip(specs, shard_lists, strict=True))
         ]
         self.block, self.offset, self.batches = 0, 0, 0
@@ -323,6 +332,8 @@ class Loader:
         for spec in cfg.dataset_specs():
             listed = shard_counts(spec["shards"])
             shard_lists.append([url for url, _ in listed])
+            if listed:
+                check_reachable(listed[0][0])
             known = [n for _, n in listed if n is not None]
             if len(known) == len(listed) and sum(known) < cfg.batch_size * world_size:
                 log.warning("dataset %r has %d samples, fewer than one global batch (%d × %d "

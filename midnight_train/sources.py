@@ -13,6 +13,13 @@ import posixpath
 import braceexpand
 import fsspec
 
+from midnight_prep.shards import is_local
+from midnight_prep.storage import PERMANENT, StorageError, is_transient, storage_message
+
+
+class NoShardsFound(FileNotFoundError):
+    """The source exists (or its storage answered) but holds no shards."""
+
 
 def list_shards(source: str | list[str]) -> list[str]:
     """Shard URLs of a source, sorted within each source."""
@@ -21,9 +28,22 @@ def list_shards(source: str | list[str]) -> list[str]:
 
 def shard_counts(source: str | list[str]) -> list[tuple[str, int | None]]:
     """(shard URL, samples) of a source; samples come from the shard builder's manifests and
-    are None where unknown (no manifests: the shards are not read here)."""
+    are None where unknown (no manifests: the shards are not read here). Storage that cannot be
+    listed (down, refused credentials, no such bucket) raises StorageError with a message that
+    names the endpoint and bucket."""
+    try:
+        return _shard_counts(source)
+    except NoShardsFound:
+        raise
+    except Exception as exn:
+        if is_local(str(source)) or not (is_transient(exn) or isinstance(exn, PERMANENT)):
+            raise
+        raise StorageError(storage_message(str(source), exn, "list")) from exn
+
+
+def _shard_counts(source: str | list[str]) -> list[tuple[str, int | None]]:
     if isinstance(source, (list, tuple)):
-        return [entry for item in source for entry in shard_counts(item)]
+        return [entry for item in source for entry in _shard_counts(item)]
     if "{" in source:  # listed as given: a missing one is skipped and counted when read
         return [(url, None) for url in braceexpand.braceexpand(source)]
     if source.endswith(".tar") and not any(c in source for c in "*?["):
@@ -43,7 +63,7 @@ def shard_counts(source: str | list[str]) -> list[tuple[str, int | None]]:
     else:
         found = [url(p) for p in sorted(fs.glob(path + "*.tar"))]
     if not found:
-        raise FileNotFoundError(f"no shards found at {source!r} (a directory, glob or prefix "
+        raise NoShardsFound(f"no shards found at {source!r} (a directory, glob or prefix "
                                 f"with no *.tar below it)")
     return [(u, None) for u in found]
 
@@ -80,3 +100,19 @@ def assign_shards(urls: list[str], stream: int, n_streams: int) -> list[tuple[st
         return [(u, 1, 0) for u in urls[stream::n_streams]]
     sharers = list(range(stream % n, n_streams, n))
     return [(urls[stream % n], len(sharers), sharers.index(stream))]
+
+
+def check_reachable(url: str) -> None:
+    """Fail fast, with StorageError, when a remote shard's storage is down or refuses us (a
+    missing shard is not fatal: the reader skips and counts it)."""
+    if is_local(url):
+        return
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.info(path)
+    except FileNotFoundError:
+        return
+    except Exception as exn:
+        if is_transient(exn) or isinstance(exn, PERMANENT):
+            raise StorageError(storage_message(url, exn)) from exn
+        raise

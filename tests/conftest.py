@@ -41,3 +41,29 @@ def slide_dir(tmp_path_factory, cmu_slide):
     (d / "damaged.tiff").write_bytes(bytes(damaged))
     (d / "notaslide.tiff").write_bytes(b"this is not a TIFF file at all" * 100)
     return d
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory):
+    """A real S3 server (SeaweedFS) on loopback for the whole session: `.env()` gives the AWS
+    variables that point s3fs at it, `.kill()` / `.start()` make an outage (data kept)."""
+    from object_store import ObjectStore
+
+    store = ObjectStore(tmp_path_factory.mktemp("object-store"))
+    store.start()
+    yield store
+    store.remove()
+
+
+@pytest.fixture
+def s3_env(object_store, monkeypatch):
+    """This test's process talks to the session's S3 server (fresh s3fs instances)."""
+    import fsspec
+
+    if object_store.proc is None:  # a previous test left it stopped
+        object_store.start()
+    for key, value in object_store.env().items():
+        monkeypatch.setenv(key, value)
+    fsspec.filesystem("s3").clear_instance_cache()
+    yield object_store
+    fsspec.filesystem("s3").clear_instance_cache()
