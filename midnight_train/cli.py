@@ -4,6 +4,7 @@ Heavy imports (torch, timm, accelerate) happen inside each command, so `--help` 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import click
 
@@ -190,3 +191,67 @@ def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | 
     if not n:
         raise click.ClickException(f"no readable image in {' '.join(inputs)}; wrote an empty "
                                    f"{out_path}")
+
+
+@main.command(name="eval")
+@click.argument("weights", type=click.Path(exists=True))
+@click.option("--train", "train_path", required=True, type=click.Path(exists=True),
+              help="Labelled training tiles: a folder of class folders, a CSV (path,label) or an "
+                   ".npz (embeddings, labels).")
+@click.option("--test", "test_path", required=True, type=click.Path(exists=True),
+              help="Labelled test tiles, in the same forms.")
+@click.option("--methods", default="knn,linear,fewshot", show_default=True,
+              help="Comma-separated: knn (cosine, k votes weighted by exp(sim/0.07)), linear "
+                   "(logistic regression on standardised embeddings), fewshot.")
+@click.option("--k", default=20, show_default=True, help="Neighbours for knn.")
+@click.option("--shots", default=10, show_default=True, help="Training tiles per class for fewshot.")
+@click.option("--repeats", default=10, show_default=True, help="Few-shot draws (mean ± std).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False),
+              help="Also write the results as JSON here ('-' for standard output).")
+def evaluate(weights: str, train_path: str, test_path: str, methods: str, k: int, shots: int,
+             repeats: int, seed: int, batch_size: int, json_path: str | None) -> None:
+    """Balanced accuracy of frozen CLS+Mean embeddings of exported WEIGHTS on labelled tiles,
+    as the paper reports it: kNN, linear probe and few-shot.
+
+    \b
+      midnight-train eval model.safetensors --train bach/train --test bach/test
+      midnight-train eval model.safetensors --train train.npz --test test.npz --methods knn
+    """
+    import json
+
+    from midnight_train.evaluate import embed_labelled, format_results, load_labelled
+    from midnight_train.evaluate import evaluate as run_evaluation
+
+    try:
+        sets = [load_labelled(train_path), load_labelled(test_path)]
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    skipped: list[str] = []
+    embedder = None
+
+    def embed(paths: list[str]):
+        nonlocal embedder
+        from midnight_train.embed import Embedder, iter_encoded
+
+        embedder = embedder or Embedder(weights, batch_size=batch_size)
+        return embedder(iter_encoded(paths, skipped.append), skipped.append)
+
+    (train_x, train_y), (test_x, test_y) = embed_labelled(sets, embed)
+    for line in skipped:
+        click.echo(f"skipped {line}", err=True)
+    try:
+        results = run_evaluation(train_x, train_y, test_x, test_y, k=k, shots=shots,
+                                 repeats=repeats, seed=seed,
+                                 methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
+    click.echo(format_results(results, f"{len(train_y)} training / {len(test_y)} test tiles, "
+                                       f"{len(set(train_y))} classes"))
+    if json_path:
+        text = json.dumps(results, indent=1)
+        if json_path == "-":
+            click.echo(text)
+        else:
+            Path(json_path).write_text(text + "\n")

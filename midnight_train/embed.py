@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 
 import fsspec
@@ -62,6 +62,50 @@ def to_tensor(img: Image.Image, size: int, mean: torch.Tensor, std: torch.Tensor
     return (x - mean) / std
 
 
+class Embedder:
+    """An exported backbone with its preprocessing (input size, mean/std from the export):
+    encoded images in, CLS+Mean embeddings out, in batches."""
+
+    def __init__(self, weights: str | Path, *, img_size: int | None = None, batch_size: int = 64,
+                 device: str | None = None) -> None:
+        from midnight_train.export import load_exported, read_metadata
+
+        meta = read_metadata(weights)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = load_exported(weights).to(self.device)
+        self.size = img_size or int(json.loads(meta["timm_kwargs"])["img_size"])
+        self.mean = torch.tensor(json.loads(meta.get("mean", "[0.485, 0.456, 0.406]"))).view(3, 1, 1)
+        self.std = torch.tensor(json.loads(meta.get("std", "[0.229, 0.224, 0.225]"))).view(3, 1, 1)
+        self.batch_size = batch_size
+
+    def __call__(self, items: Iterable[tuple[str, bytes]], skip: Callable[[str], None],
+                 ) -> tuple[list[str], np.ndarray]:
+        """(keys, embeddings float32 [N, 2·dim]) of the images that decode; the others go to
+        `skip` with their key and the reason."""
+        keys: list[str] = []
+        chunks: list[np.ndarray] = []
+        pending: list[torch.Tensor] = []
+
+        def flush() -> None:
+            if pending:
+                batch = torch.stack(pending).to(self.device)
+                chunks.append(cls_mean_embedding(self.model, batch).float().cpu().numpy())
+                pending.clear()
+
+        for key, data in items:
+            try:
+                img = decode_tile(data)
+            except Exception as exn:
+                skip(f"{key}: not a readable image ({exn})")
+                continue
+            keys.append(key)
+            pending.append(to_tensor(img, self.size, self.mean, self.std))
+            if len(pending) == self.batch_size:
+                flush()
+        flush()
+        return keys, np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+
+
 def embed_inputs(weights: str | Path, inputs: list[str], out: str | Path, *,
                  img_size: int | None = None, batch_size: int = 64,
                  device: str | None = None, skipped: list[str] | None = None) -> tuple[int, int]:
@@ -69,36 +113,7 @@ def embed_inputs(weights: str | Path, inputs: list[str], out: str | Path, *,
     ``embeddings`` float32 ``[N, 2 * dim]``). Returns (tiles, embedding dimension). Unreadable
     images and shards are skipped and described in ``skipped`` (when given)."""
     skipped = [] if skipped is None else skipped
-    from midnight_train.export import load_exported, read_metadata
-
-    meta = read_metadata(weights)
-    model = load_exported(weights)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(dev)
-    size = img_size or int(json.loads(meta["timm_kwargs"])["img_size"])
-    mean = torch.tensor(json.loads(meta.get("mean", "[0.485, 0.456, 0.406]"))).view(3, 1, 1)
-    std = torch.tensor(json.loads(meta.get("std", "[0.229, 0.224, 0.225]"))).view(3, 1, 1)
-    keys: list[str] = []
-    chunks: list[np.ndarray] = []
-    pending: list[torch.Tensor] = []
-
-    def flush() -> None:
-        if pending:
-            batch = torch.stack(pending).to(dev)
-            chunks.append(cls_mean_embedding(model, batch).float().cpu().numpy())
-            pending.clear()
-
-    for key, data in iter_encoded(inputs, skipped.append):
-        try:
-            img = decode_tile(data)
-        except Exception as exn:
-            skipped.append(f"{key}: not a readable image ({exn})")
-            continue
-        keys.append(key)
-        pending.append(to_tensor(img, size, mean, std))
-        if len(pending) == batch_size:
-            flush()
-    flush()
-    emb = np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+    embedder = Embedder(weights, img_size=img_size, batch_size=batch_size, device=device)
+    keys, emb = embedder(iter_encoded(inputs, skipped.append), skipped.append)
     np.savez(out, keys=np.array(keys), embeddings=emb)
     return len(keys), emb.shape[1] if emb.ndim == 2 else 0

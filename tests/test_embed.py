@@ -5,24 +5,14 @@ from __future__ import annotations
 
 import fsspec
 import numpy as np
-import pytest
 import shardkit
 from click.testing import CliRunner
 from PIL import Image
-from train_fakes import make_trainer, tiny_config
 
 from midnight_train.cli import main
-from midnight_train.export import export_backbone
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("embed")
-    make_trainer(tiny_config(tmp / "run", train={"max_steps": 1, "checkpoint_every": 1})).fit()
-    return export_backbone(tmp / "run", tmp / "model.safetensors")
-
-
-def test_embed_skips_and_names_damaged_inputs(tmp_path, cmu_slide, exported):
+def test_embed_skips_and_names_damaged_inputs(tmp_path, cmu_slide, tiny_export):
     good = shardkit.make_shards(tmp_path / "shards", cmu_slide, n_shards=1, per_shard=3, tile_size=32)[0]
     samples = shardkit.read_tar(good)
     bad = tmp_path / "bad.tar"  # a fake JPEG, a truncated JPEG, a sample without an image
@@ -36,7 +26,7 @@ def test_embed_skips_and_names_damaged_inputs(tmp_path, cmu_slide, exported):
     png = tmp_path / "tile.png"
     Image.fromarray(np.full((20, 20, 3), 120, np.uint8)).save(png)
     out = tmp_path / "emb.npz"
-    result = CliRunner().invoke(main, ["embed", str(exported), "memory://bucket/good.tar", str(bad),
+    result = CliRunner().invoke(main, ["embed", str(tiny_export), "memory://bucket/good.tar", str(bad),
                                        str(png), "--out", str(out), "--batch-size", "2"])
     assert result.exit_code == 0, result.output
     assert "skipped 3 unreadable input(s)" in result.output
@@ -50,9 +40,9 @@ def test_embed_skips_and_names_damaged_inputs(tmp_path, cmu_slide, exported):
     assert np.allclose(saved["embeddings"][1], saved["embeddings"][3], atol=1e-5)
 
 
-def test_embed_with_nothing_readable_fails(tmp_path, exported):
+def test_embed_with_nothing_readable_fails(tmp_path, tiny_export):
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"\xff\xd8 not really")
-    result = CliRunner().invoke(main, ["embed", str(exported), str(junk), "--out",
+    result = CliRunner().invoke(main, ["embed", str(tiny_export), str(junk), "--out",
                                        str(tmp_path / "e.npz")])
     assert result.exit_code != 0 and "no readable image" in result.output and "junk.jpg" in result.output
