@@ -71,8 +71,10 @@ class AugmentConfig:
     blur_p_local: float = 0.5
     blur_sigma: tuple[float, float] | list[float] = (0.1, 2.0)
     solarize_p_global2: float = 0.2
-    mean: tuple[float, float, float] | list[float] = (0.485, 0.456, 0.406)
-    std: tuple[float, float, float] | list[float] = (0.229, 0.224, 0.225)
+    # The published Midnight models' normalisation; ImageNet's is (0.485, 0.456, 0.406) /
+    # (0.229, 0.224, 0.225). Exports record it, and `embed` / `eval` apply it.
+    mean: tuple[float, float, float] | list[float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] | list[float] = (0.5, 0.5, 0.5)
 
 
 def _hed_log2_affine(alpha: torch.Tensor, beta: torch.Tensor, device: torch.device,
