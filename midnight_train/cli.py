@@ -165,11 +165,16 @@ def export(checkpoint: str, out: str, which: str, img_size: int | None) -> None:
 @click.option("--out", "out_path", default="embeddings.npz", show_default=True)
 @click.option("--img-size", type=int, help="Resize tiles to this size (default: the export's).")
 @click.option("--batch-size", default=64, show_default=True)
+@click.option("--workers", default=4, show_default=True,
+              help="DataLoader workers decoding and resizing (each takes whole inputs: a shard, "
+                   "an image file).")
+@click.option("--cls-only", is_flag=True, help="Only the CLS token (default: CLS+Mean).")
 def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | None,
-          batch_size: int) -> None:
+          batch_size: int, workers: int, cls_only: bool) -> None:
     """CLS+Mean embeddings of INPUTS (images, directories, .tar shards; local paths or fsspec
-    URLs) with exported WEIGHTS; writes an .npz with `keys` and `embeddings`. Unreadable images
-    and damaged shards are skipped and listed.
+    URLs) with exported WEIGHTS; writes an .npz with `keys`, `embeddings` and, for shard
+    samples, `slide_id`, `mpp`, `x`, `y`. Unreadable images and damaged shards are skipped and
+    listed.
 
     \b
       midnight-train embed model.safetensors tiles/ --out embeddings.npz
@@ -178,8 +183,12 @@ def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | 
     from midnight_train.embed import embed_inputs
 
     skipped: list[str] = []
-    n, dim = embed_inputs(weights, list(inputs), out_path, img_size=img_size,
-                          batch_size=batch_size, skipped=skipped)
+    try:
+        n, dim = embed_inputs(weights, list(inputs), out_path, img_size=img_size,
+                              batch_size=batch_size, num_workers=workers, cls_only=cls_only,
+                              progress=True, skipped=skipped)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from err
     if n:
         click.echo(f"wrote {out_path}: {n} embeddings of dimension {dim}")
     if skipped:
@@ -208,10 +217,11 @@ def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | 
 @click.option("--repeats", default=10, show_default=True, help="Few-shot draws (mean ± std).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
+@click.option("--workers", default=4, show_default=True, help="DataLoader workers decoding images.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Also write the results as JSON here ('-' for standard output).")
 def evaluate(weights: str, train_path: str, test_path: str, methods: str, k: int, shots: int,
-             repeats: int, seed: int, batch_size: int, json_path: str | None) -> None:
+             repeats: int, seed: int, batch_size: int, workers: int, json_path: str | None) -> None:
     """Balanced accuracy of frozen CLS+Mean embeddings of exported WEIGHTS on labelled tiles,
     as the paper reports it: kNN, linear probe and few-shot.
 
@@ -233,10 +243,11 @@ def evaluate(weights: str, train_path: str, test_path: str, methods: str, k: int
 
     def embed(paths: list[str]):
         nonlocal embedder
-        from midnight_train.embed import Embedder, iter_encoded
+        from midnight_train.embed import Embedder
 
-        embedder = embedder or Embedder(weights, batch_size=batch_size)
-        return embedder(iter_encoded(paths, skipped.append), skipped.append)
+        embedder = embedder or Embedder(weights, batch_size=batch_size, num_workers=workers)
+        keys, x, _ = embedder(paths, skipped.append, progress=True)
+        return keys, x
 
     (train_x, train_y), (test_x, test_y) = embed_labelled(sets, embed)
     for line in skipped:

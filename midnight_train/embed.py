@@ -1,17 +1,23 @@
 """Tile embeddings for downstream use: CLS token concatenated with the mean of the patch tokens
-(CLS+Mean) of the backbone's final-norm output, as in the Midnight paper."""
+(CLS+Mean) of the backbone's final-norm output, as in the Midnight paper.
+
+Inputs (image files, folders of images, webdataset shards; local or fsspec URLs) are decoded and
+resized in DataLoader workers, each taking whole inputs (a shard, an image file) in turn; the
+model runs batched in the main process (bf16 autocast on a GPU)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import fsspec
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from midnight_prep.shards import read_shard
 from midnight_train.crops import decode_tile
@@ -28,46 +34,99 @@ def cls_mean_embedding(model: torch.nn.Module, images: torch.Tensor) -> torch.Te
     return torch.cat([tokens[:, 0], tokens[:, prefix:].mean(dim=1)], dim=-1)
 
 
-def iter_encoded(inputs: list[str], skip: Callable[[str], None]) -> Iterator[tuple[str, bytes]]:
-    """(key, encoded image) from image files, directories of images and webdataset .tar shards
-    (local paths or fsspec URLs). A shard that cannot be read, or breaks off, is reported to
-    `skip` and the inputs go on."""
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """Local folders replaced by the images and shards below them (sorted); the rest as given."""
+    out: list[str] = []
     for item in inputs:
-        suffix = PurePosixPath(item).suffix.lower()
         if "://" not in item and Path(item).is_dir():
-            yield from iter_encoded([str(p) for p in sorted(Path(item).rglob("*"))
-                                     if p.suffix.lower() in IMAGE_SUFFIXES | {".tar"}], skip)
-        elif suffix == ".tar":
+            out += [str(p) for p in sorted(Path(item).rglob("*"))
+                    if p.suffix.lower() in IMAGE_SUFFIXES | {".tar"}]
+        elif PurePosixPath(item).suffix.lower() in IMAGE_SUFFIXES | {".tar"}:
+            out.append(item)
+        else:
+            raise ValueError(f"{item}: not an image, a directory or a .tar shard")
+    return out
+
+
+def iter_encoded(inputs: list[str], skip: Callable[[str], None]
+                 ) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    """(key, encoded image, the sample's JSON or {}) from image files, directories of images and
+    webdataset .tar shards (local paths or fsspec URLs). A shard that cannot be read, or breaks
+    off, is reported to `skip` and the inputs go on."""
+    for item in expand_inputs(inputs):
+        if PurePosixPath(item).suffix.lower() == ".tar":
             try:
                 for key, files in read_shard(item, on_duplicate=skip):
                     image = next((files[e] for e in ("jpg", "jpeg", "png") if e in files), None)
                     if image is None:
                         skip(f"{item}: {key} has no .jpg/.jpeg/.png")
-                    else:
-                        yield key, image
+                        continue
+                    try:
+                        meta = json.loads(files["json"]) if "json" in files else {}
+                    except ValueError:
+                        meta = {}
+                    yield key, image, meta if isinstance(meta, dict) else {}
             except Exception as exn:
                 skip(f"{item}: unreadable or damaged shard ({exn})")
-        elif suffix in IMAGE_SUFFIXES:
-            with fsspec.open(item, "rb") as f:
-                yield item, f.read()
         else:
-            raise ValueError(f"{item}: not an image, a directory or a .tar shard")
+            try:
+                with fsspec.open(item, "rb") as f:
+                    data = f.read()
+            except OSError as exn:
+                skip(f"{item}: cannot be read ({exn})")
+                continue
+            yield item, data, {}
 
 
 def to_tensor(img: Image.Image, size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """[3, size, size] normalised float: a bicubic, antialiased PIL resize when the size differs."""
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
-    if x.shape[-1] != size or x.shape[-2] != size:
-        x = F.interpolate(x[None], size=(size, size), mode="bicubic", antialias=True,
-                          align_corners=False)[0].clamp(0, 1)
     return (x - mean) / std
+
+
+class _DecodedBatches(IterableDataset):
+    """Batches of decoded, resized, normalised tiles; worker w of n takes inputs w, w + n, …"""
+
+    def __init__(self, inputs: list[str], size: int, mean: torch.Tensor, std: torch.Tensor,
+                 batch_size: int) -> None:
+        self.inputs, self.size, self.mean, self.std = inputs, size, mean, std
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        skipped: list[str] = []
+        keys: list[str] = []
+        metas: list[dict] = []
+        order: list[tuple[int, int]] = []  # (input, sample within it): input order at the end
+        tensors: list[torch.Tensor] = []
+        for i in range(worker, len(self.inputs), n):
+            for j, (key, data, meta) in enumerate(iter_encoded([self.inputs[i]], skipped.append)):
+                try:
+                    tensors.append(to_tensor(decode_tile(data), self.size, self.mean, self.std))
+                except Exception as exn:
+                    skipped.append(f"{key}: not a readable image ({exn})")
+                    continue
+                keys.append(key)
+                metas.append(meta)
+                order.append((i, j))
+                if len(keys) == self.batch_size:
+                    yield {"keys": keys, "x": torch.stack(tensors), "meta": metas,
+                           "order": order, "skipped": skipped}
+                    keys, metas, order, tensors, skipped = [], [], [], [], []
+        if keys or skipped:
+            yield {"keys": keys, "x": torch.stack(tensors) if tensors else None, "meta": metas,
+                   "order": order, "skipped": skipped}
 
 
 class Embedder:
     """An exported backbone with its preprocessing (input size, mean/std from the export):
-    encoded images in, CLS+Mean embeddings out, in batches."""
+    images in, CLS+Mean embeddings out, in batches."""
 
     def __init__(self, weights: str | Path, *, img_size: int | None = None, batch_size: int = 64,
-                 device: str | None = None) -> None:
+                 num_workers: int = 0, device: str | None = None, cls_only: bool = False) -> None:
         from midnight_train.export import load_exported, read_metadata
 
         meta = read_metadata(weights)
@@ -76,44 +135,63 @@ class Embedder:
         self.size = img_size or int(json.loads(meta["timm_kwargs"])["img_size"])
         self.mean = torch.tensor(json.loads(meta.get("mean", "[0.485, 0.456, 0.406]"))).view(3, 1, 1)
         self.std = torch.tensor(json.loads(meta.get("std", "[0.229, 0.224, 0.225]"))).view(3, 1, 1)
-        self.batch_size = batch_size
+        self.batch_size, self.num_workers, self.cls_only = batch_size, num_workers, cls_only
 
-    def __call__(self, items: Iterable[tuple[str, bytes]], skip: Callable[[str], None],
-                 ) -> tuple[list[str], np.ndarray]:
-        """(keys, embeddings float32 [N, 2·dim]) of the images that decode; the others go to
-        `skip` with their key and the reason."""
+    @torch.no_grad()
+    def embed_batch(self, x: torch.Tensor) -> np.ndarray:
+        x = x.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            emb = cls_mean_embedding(self.model, x)
+        if self.cls_only:
+            emb = emb[:, : emb.shape[1] // 2]
+        return emb.float().cpu().numpy()
+
+    def __call__(self, inputs: list[str], skip: Callable[[str], None], *, progress: bool = False,
+                 ) -> tuple[list[str], np.ndarray, list[dict]]:
+        """(keys, embeddings float32 [N, 2·dim] or [N, dim] with cls_only, sample JSON) of the
+        images that decode; the others go to `skip` with their key and the reason."""
+        from tqdm.auto import tqdm
+
+        data = _DecodedBatches(expand_inputs(inputs), self.size, self.mean, self.std, self.batch_size)
+        workers = min(self.num_workers, len(data.inputs), os.cpu_count() or 1)
+        loader = DataLoader(data, batch_size=None, num_workers=workers,
+                            pin_memory=self.device.type == "cuda")
         keys: list[str] = []
+        metas: list[dict] = []
+        order: list[tuple[int, int]] = []
         chunks: list[np.ndarray] = []
-        pending: list[torch.Tensor] = []
-
-        def flush() -> None:
-            if pending:
-                batch = torch.stack(pending).to(self.device)
-                chunks.append(cls_mean_embedding(self.model, batch).float().cpu().numpy())
-                pending.clear()
-
-        for key, data in items:
-            try:
-                img = decode_tile(data)
-            except Exception as exn:
-                skip(f"{key}: not a readable image ({exn})")
-                continue
-            keys.append(key)
-            pending.append(to_tensor(img, self.size, self.mean, self.std))
-            if len(pending) == self.batch_size:
-                flush()
-        flush()
-        return keys, np.concatenate(chunks) if chunks else np.zeros((0, 0), np.float32)
+        with tqdm(desc="embedding", unit="tile", disable=not progress) as bar:
+            for batch in loader:
+                for line in batch["skipped"]:
+                    skip(line)
+                if batch["x"] is None:
+                    continue
+                chunks.append(self.embed_batch(batch["x"]))
+                keys += batch["keys"]
+                metas += batch["meta"]
+                order += batch["order"]
+                bar.update(len(batch["keys"]))
+        if not chunks:
+            return [], np.zeros((0, 0), np.float32), []
+        rank = sorted(range(len(keys)), key=order.__getitem__)  # input order, whatever the workers
+        return [keys[r] for r in rank], np.concatenate(chunks)[rank], [metas[r] for r in rank]
 
 
 def embed_inputs(weights: str | Path, inputs: list[str], out: str | Path, *,
-                 img_size: int | None = None, batch_size: int = 64,
-                 device: str | None = None, skipped: list[str] | None = None) -> tuple[int, int]:
-    """Embed every input tile with an exported backbone and write ``out`` (.npz with ``keys`` and
-    ``embeddings`` float32 ``[N, 2 * dim]``). Returns (tiles, embedding dimension). Unreadable
-    images and shards are skipped and described in ``skipped`` (when given)."""
+                 img_size: int | None = None, batch_size: int = 64, num_workers: int = 0,
+                 device: str | None = None, cls_only: bool = False, progress: bool = False,
+                 skipped: list[str] | None = None) -> tuple[int, int]:
+    """Embed every input tile with an exported backbone and write ``out``: an .npz with ``keys``,
+    ``embeddings`` float32 and, for shard samples, their ``slide_id``, ``mpp``, ``x``, ``y``
+    (empty / NaN / -1 where unknown). Returns (tiles, embedding dimension). Unreadable images
+    and shards are skipped and described in ``skipped`` (when given)."""
     skipped = [] if skipped is None else skipped
-    embedder = Embedder(weights, img_size=img_size, batch_size=batch_size, device=device)
-    keys, emb = embedder(iter_encoded(inputs, skipped.append), skipped.append)
-    np.savez(out, keys=np.array(keys), embeddings=emb)
+    embedder = Embedder(weights, img_size=img_size, batch_size=batch_size,
+                        num_workers=num_workers, device=device, cls_only=cls_only)
+    keys, emb, metas = embedder(inputs, skipped.append, progress=progress)
+    np.savez(out, keys=np.array(keys), embeddings=emb,
+             slide_id=np.array([str(m.get("slide_id", "")) for m in metas]),
+             mpp=np.array([float(m.get("mpp", "nan")) for m in metas]),
+             x=np.array([int(m.get("x", -1)) for m in metas]),
+             y=np.array([int(m.get("y", -1)) for m in metas]))
     return len(keys), emb.shape[1] if emb.ndim == 2 else 0

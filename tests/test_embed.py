@@ -46,3 +46,23 @@ def test_embed_with_nothing_readable_fails(tmp_path, tiny_export):
     result = CliRunner().invoke(main, ["embed", str(tiny_export), str(junk), "--out",
                                        str(tmp_path / "e.npz")])
     assert result.exit_code != 0 and "no readable image" in result.output and "junk.jpg" in result.output
+
+
+def test_workers_and_batch_size_change_nothing_but_speed(tmp_path, cmu_slide, tiny_export):
+    from midnight_train.embed import embed_inputs
+
+    paths = shardkit.make_shards(tmp_path, cmu_slide, n_shards=3, per_shard=5, tile_size=40)
+    inputs = [str(p) for p in paths]
+    results = []
+    for workers, batch in ((0, 64), (2, 3)):
+        out = tmp_path / f"e{workers}.npz"
+        assert embed_inputs(tiny_export, inputs, out, num_workers=workers, batch_size=batch)[0] == 15
+        results.append(np.load(out))
+    a, b = results
+    assert list(a["keys"]) == list(b["keys"]) == [k for p in paths for k, _ in shardkit.read_tar(p)]
+    assert np.allclose(a["embeddings"], b["embeddings"], atol=1e-5)
+    assert set(a["slide_id"]) == {"cmu1"} and np.allclose(a["mpp"], shardkit.MPP)
+    assert (a["x"] >= 0).all() and (a["y"] >= 0).all()
+    cls = tmp_path / "cls.npz"
+    embed_inputs(tiny_export, inputs[:1], cls, cls_only=True)
+    assert np.allclose(np.load(cls)["embeddings"], a["embeddings"][:5, :32], atol=1e-5)
