@@ -121,24 +121,43 @@ def preview(source: str | None, config_path: str | None, out_path: str, samples:
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
 @click.argument("overrides", nargs=-1)
-def fit(config_path: str, overrides: tuple[str, ...]) -> None:
+@click.option("--debug", is_flag=True, help="On an error, show the Python traceback.")
+def fit(config_path: str, overrides: tuple[str, ...], debug: bool) -> None:
     """Train with CONFIG (YAML) and dotted key=value OVERRIDES, e.g.
 
-      midnight-train fit examples/tiny-cpu.yaml data.shards=out/shards output_dir=out/train
-      accelerate launch -m midnight_train fit CONFIG resume=auto
+    \b
+    midnight-train fit examples/tiny-cpu.yaml data.shards=out/shards output_dir=out/train
+    accelerate launch -m midnight_train fit CONFIG output_dir=out/train resume=auto
 
-    resume=auto continues from the latest checkpoint in output_dir.
+    A new run needs an empty or new output_dir; these keys say what to do with an earlier run:
+
+    \b
+    resume=auto      continue from the newest readable checkpoint in output_dir
+                     (damaged ones are skipped and named; none yet: start at step 0)
+    resume=PATH      continue from the checkpoint directory PATH
+    overwrite=true   replace the run in output_dir (checkpoints, metrics, config, logs)
+    resume_allow_changes=true
+                     continue although the config changes what is trained (data, model,
+                     losses, lr, seed ...); by default only keys such as train.max_steps,
+                     train.checkpoint_every and train.log_every may differ from the
+                     checkpoint's config, and the refusal lists the differences
     """
+    from midnight_prep.storage import StorageError
+    from midnight_train.checkpoint import CheckpointError
     from midnight_train.config import ConfigError, load_config
-    from midnight_train.trainer import NonFiniteLossError, Trainer
+    from midnight_train.trainer import RunError, Trainer
 
     try:
         cfg = load_config(config_path, overrides)
     except (ConfigError, ValueError) as err:
+        if debug:
+            raise
         raise click.UsageError(str(err)) from err
     try:
         Trainer(cfg).fit()
-    except NonFiniteLossError as err:
+    except (RunError, CheckpointError, StorageError, FileNotFoundError, ValueError) as err:
+        if debug:
+            raise
         raise click.ClickException(str(err)) from err
 
 
@@ -148,12 +167,22 @@ def fit(config_path: str, overrides: tuple[str, ...]) -> None:
 @click.option("--which", type=click.Choice(["teacher", "student"]), default="teacher",
               show_default=True)
 @click.option("--img-size", type=int, help="Resample the position embedding to this input size.")
-def export(checkpoint: str, out: str, which: str, img_size: int | None) -> None:
+@click.option("--debug", is_flag=True, help="On an error, show the Python traceback.")
+def export(checkpoint: str, out: str, which: str, img_size: int | None, debug: bool) -> None:
     """Write a timm-loadable safetensors backbone from CHECKPOINT (a checkpoint directory or a
-    training output directory: its latest checkpoint) to OUT."""
+    training output directory: its newest readable checkpoint) to OUT."""
+    from midnight_train.checkpoint import CheckpointError
     from midnight_train.export import export_backbone, read_metadata
 
-    path = export_backbone(checkpoint, out, which=which, img_size=img_size)
+    skipped: list[str] = []
+    try:
+        path = export_backbone(checkpoint, out, which=which, img_size=img_size, skipped=skipped)
+    except (CheckpointError, ValueError) as err:
+        if debug:
+            raise
+        raise click.ClickException(str(err)) from err
+    for reason in skipped:
+        click.echo(f"warning: skipped damaged checkpoint: {reason}", err=True)
     meta = read_metadata(path)
     click.echo(f"wrote {path}: timm.create_model({meta['arch']!r}, pretrained=False, "
                f"**{meta['timm_kwargs']}) + load_state_dict")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
 import yaml
 
 from midnight_train.models import ModelConfig
@@ -69,6 +70,10 @@ class TrainConfig:
 class Config:
     output_dir: str = "out/train"
     resume: str | None = None  # None, "auto" (latest checkpoint in output_dir) or a path
+    # Switches of one invocation (saved as false): a fresh run into an output directory that
+    # holds an earlier run replaces it; a resumed run may change keys outside RESUME_MAY_CHANGE.
+    overwrite: bool = False
+    resume_allow_changes: bool = False
     data: Any = None  # midnight_train.data.DataConfig
     augment: Any = None  # midnight_train.augment.AugmentConfig
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -162,9 +167,43 @@ def build_config(raw: dict) -> Config:
     cfg = build_dataclass(Config, raw)
     cfg.data = build_dataclass(DataConfig, data, "data")
     cfg.augment = build_dataclass(AugmentConfig, augment, "augment")
-    if cfg.train.grad_accum < 1 or cfg.train.max_steps < 1:
-        raise ConfigError("train.grad_accum and train.max_steps must be >= 1")
+    check_values(cfg)
     return cfg
+
+
+def check_values(cfg: Config) -> None:
+    """Values that would crash the run later (a division by zero after step 1) or silently train
+    nothing (lr <= 0) are errors now, naming the key."""
+    t, loss = cfg.train, cfg.loss
+    rules = [
+        ("train.max_steps", t.max_steps, t.max_steps >= 1, ">= 1"),
+        ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, ">= 1"),
+        ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 1, ">= 1"),
+        ("train.keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 1, ">= 1"),
+        ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+        ("train.base_lr", t.base_lr, t.base_lr > 0, "> 0"),
+        ("train.min_lr", t.min_lr, t.min_lr >= 0, ">= 0"),
+        ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
+        ("train.weight_decay", t.weight_decay, t.weight_decay >= 0, ">= 0"),
+        ("train.weight_decay_end", t.weight_decay_end, t.weight_decay_end >= 0, ">= 0"),
+        ("train.clip_grad", t.clip_grad, t.clip_grad >= 0, ">= 0 (0 disables clipping)"),
+        ("train.teacher_momentum", t.teacher_momentum, 0 <= t.teacher_momentum <= 1,
+         "in [0, 1]"),
+        ("train.teacher_momentum_end", t.teacher_momentum_end,
+         0 <= t.teacher_momentum_end <= 1, "in [0, 1]"),
+        ("train.lr_scaling", t.lr_scaling, t.lr_scaling in ("sqrt", "linear", "none"),
+         "one of sqrt, linear, none"),
+        ("train.mixed_precision", t.mixed_precision,
+         t.mixed_precision in ("auto", "no", "bf16", "fp16"), "one of auto, no, bf16, fp16"),
+        ("loss.student_temp", loss.student_temp, loss.student_temp > 0, "> 0"),
+        ("loss.teacher_temp", loss.teacher_temp, loss.teacher_temp > 0, "> 0"),
+        ("loss.teacher_temp_start", loss.teacher_temp_start, loss.teacher_temp_start > 0, "> 0"),
+        ("model.arch", cfg.model.arch, timm.is_model(cfg.model.arch),
+         "a timm model name such as vit_small_patch14_dinov2 or vit_giant_patch14_reg4_dinov2"),
+    ]
+    bad = [f"{key}={value!r} (must be {need})" for key, value, ok, need in rules if not ok]
+    if bad:
+        raise ConfigError(f"invalid value{'s' if len(bad) > 1 else ''}: {'; '.join(bad)}")
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -196,5 +235,44 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def run_config(cfg: Config) -> dict[str, Any]:
+    """The config as a run records it (config.yaml, checkpoints): plain values, with the
+    switches of one invocation off, so that rerunning a saved config never overwrites a run."""
+    return to_plain(dataclasses.replace(cfg, overwrite=False, resume_allow_changes=False))
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_plain(cfg), sort_keys=False))
+    Path(path).write_text(yaml.safe_dump(run_config(cfg), sort_keys=False))
+
+
+# Keys that may differ between a checkpoint's config and the run continuing from it: where the
+# output goes, how often it is saved and logged, when it stops (the lr, weight-decay and momentum
+# schedules then follow the new train.max_steps), and storage timeouts. Every other key changes
+# what is trained (data, model, losses, optimiser, seeds, precision) and is refused unless
+# resume_allow_changes=true.
+RESUME_MAY_CHANGE = (
+    "output_dir", "resume", "overwrite", "resume_allow_changes",
+    "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+    "train.tensorboard", "train.progress",
+    "data.timeout_s", "data.read_retry_s", "data.prefetch_factor",
+)
+
+
+def _flatten(plain: Any, depth: int = 2, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"seed": 0}}`` -> ``{"train.seed": 0}`` (sections and their keys; deeper
+    values such as ``model.timm_kwargs`` compare as a whole)."""
+    if depth and isinstance(plain, dict):
+        out: dict[str, Any] = {}
+        for k, v in plain.items():
+            out.update(_flatten(v, depth - 1, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: plain}
+
+
+def config_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """``key: old -> new`` for every key of ``cfg`` that differs from ``saved`` (a checkpoint's
+    recorded config) and is not in ``RESUME_MAY_CHANGE``. Keys the saved config does not know
+    (options added since) are not compared."""
+    old, new = _flatten(saved), _flatten(run_config(cfg))
+    return [f"{key}: {old[key]!r} -> {value!r}" for key, value in new.items()
+            if key in old and old[key] != value and key not in RESUME_MAY_CHANGE]

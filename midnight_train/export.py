@@ -16,30 +16,39 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
+from midnight_train import checkpoint as ckpt_io
+from midnight_train.checkpoint import CheckpointError
 from midnight_train.config import build_dataclass
 from midnight_train.models import ModelConfig, backbone_metadata, export_timm_kwargs
-from midnight_train.trainer import checkpoint_step, latest_checkpoint
 
 PREFIX = "backbone.vit."
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a training output directory (its latest checkpoint)."""
+def load_checkpoint(path: str | Path, skipped: list[str] | None = None) -> tuple[Path, dict]:
+    """A checkpoint directory's state, or a training output directory's newest readable one
+    (the reasons for skipping damaged newer ones are appended to ``skipped``)."""
     path = Path(path)
-    if checkpoint_step(path) is not None:
-        return path
-    found = latest_checkpoint(path)
+    if ckpt_io.checkpoint_step(path) is not None:
+        return path, ckpt_io.load(path)
+    candidates = ckpt_io.list_checkpoints(path)[::-1]
+    if not candidates:
+        raise CheckpointError(f"no checkpoint in {path} (a checkpoint directory or a training "
+                              f"output directory with checkpoints/step_*/model.pt)")
+    reasons: list[str] = []
+    found = ckpt_io.load_newest(candidates, ckpt_io.load, reasons)
+    if skipped is not None:
+        skipped.extend(reasons)
     if found is None:
-        raise FileNotFoundError(f"no checkpoint in {path} (expected checkpoints/step_*/model.pt)")
+        raise CheckpointError(f"no readable checkpoint in {path}: {'; '.join(reasons)}")
     return found
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path, *, which: str = "teacher",
-                    img_size: int | None = None) -> Path:
+                    img_size: int | None = None, skipped: list[str] | None = None) -> Path:
     """Write the ``which`` backbone of a checkpoint to ``out`` (.safetensors). ``img_size``
-    resamples the position embedding to another input size (e.g. 392 after high-res training)."""
-    ckpt = resolve_checkpoint(checkpoint)
-    state = torch.load(ckpt / "model.pt", map_location="cpu", weights_only=False)
+    resamples the position embedding to another input size (e.g. 392 after high-res training).
+    ``checkpoint`` as in ``load_checkpoint``."""
+    _, state = load_checkpoint(checkpoint, skipped)
     model_cfg = build_dataclass(ModelConfig, state["config"]["model"], "model")
     weights = {k[len(PREFIX):]: v.float().contiguous() for k, v in state[which].items()
                if k.startswith(PREFIX)}

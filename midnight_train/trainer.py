@@ -4,10 +4,12 @@ Per optimiser step: ``grad_accum`` micro-batches (each: batch to device -> batch
 augmentation -> teacher forward -> student forward -> losses -> backward), gradient clipping,
 AdamW step, EMA teacher update, metrics. Schedules are indexed by the optimiser step.
 
-Checkpoints are directories ``OUTPUT/checkpoints/step_XXXXXXXX/`` with ``model.pt`` (student,
-teacher, optimiser, loss state, step) and one ``rank_XXXXX.pt`` per process (RNG states, colour
-augmentation generator, data-stream position). They are written to a hidden temporary directory
-and renamed into place, so a kill during a save leaves the previous checkpoint intact.
+Checkpoints (``midnight_train.checkpoint``): ``OUTPUT/checkpoints/step_XXXXXXXX/``, written
+atomically, read without unpickling code. A run never mixes with another: a fresh run refuses an
+output directory that is not empty (``overwrite=true`` replaces the earlier run); ``resume=auto``
+continues from the newest readable checkpoint (damaged ones are skipped and named) and refuses
+config changes other than ``config.RESUME_MAY_CHANGE`` (``resume_allow_changes=true`` accepts
+them).
 
 Scale-out notes. DDP (the default under ``accelerate launch``/``torchrun``) replicates the
 student; the teacher is a plain module on every rank, updated by the same EMA, so it stays in
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -37,7 +38,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, gather_object
 
-from midnight_train.config import Config, save_config, to_plain
+from midnight_train import checkpoint
+from midnight_train.checkpoint import CHECKPOINT_DIR, CheckpointError, list_checkpoints
+from midnight_train.config import RESUME_MAY_CHANGE, Config, config_changes, run_config, save_config
 from midnight_train.schedules import Schedules, scaled_lr
 from midnight_train.ssl import (
     EMAPairs,
@@ -48,65 +51,31 @@ from midnight_train.ssl import (
     param_groups,
 )
 
-CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.yaml"
+TENSORBOARD_DIR = "tensorboard"
+RUN_FILES = (CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE, TENSORBOARD_DIR)  # what a run writes
 LOSS_TERMS = ("loss", "loss_dino", "loss_ibot", "loss_kde", "loss_koleo")
 
 
-class NonFiniteLossError(RuntimeError):
+class RunError(RuntimeError):
+    """The run cannot start or go on; the message says why and what to do (no traceback)."""
+
+
+class NonFiniteLossError(RunError):
     pass
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def checkpoint_step(path: Path) -> int | None:
-    name = path.name
-    if not name.startswith("step_") or not (path / "model.pt").is_file():
-        return None
-    try:
-        return int(name[len("step_"):])
-    except ValueError:
-        return None
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary ``.tmp_*`` directories are never listed)."""
-    root = Path(output_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    found = [(s, p) for p in root.iterdir() if (s := checkpoint_step(p)) is not None]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _save(obj: Any, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+# ----------------------------------------------------------------------------- helpers
 
 
 def rng_states() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
-             "torch": torch.get_rng_state()}
+    """The process's RNG states as tensors and plain values (safe to load, see checkpoint)."""
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"] = {"key": np_state["state"]["key"].tolist(),
+                         "pos": int(np_state["state"]["pos"])}
+    np_state["has_gauss"], np_state["gauss"] = int(np_state["has_gauss"]), float(np_state["gauss"])
+    state = {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -114,7 +83,11 @@ def rng_states() -> dict[str, Any]:
 
 def set_rng_states(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    np_state = state["numpy"]
+    if isinstance(np_state, dict):  # this version: the key as a list of ints
+        np_state = {**np_state, "state": {**np_state["state"],
+                                          "key": np.asarray(np_state["state"]["key"], np.uint32)}}
+    np.random.set_state(np_state)  # or an earlier version's tuple with an array
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -212,41 +185,28 @@ class Trainer:
     def _checkpoint_root(self) -> Path:
         return self.output_dir / CHECKPOINT_DIR
 
+    def _say(self, message: str, *, warning: bool = False) -> None:
+        if self.is_main:
+            print(f"warning: {message}" if warning else message,
+                  file=sys.stderr if warning else sys.stdout, flush=True)
+
     def save_checkpoint(self) -> Path:
-        """Write the checkpoint of the current step atomically and keep the newest K."""
-        acc, step = self.accelerator, self.step
-        root = self._checkpoint_root()
-        final = root / f"step_{step:08d}"
-        tmp = root / f".tmp_step_{step:08d}"
-        if self.is_main:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
-        acc.wait_for_everyone()
+        """Write the checkpoint of the current step (every process) and keep the newest K."""
+        acc = self.accelerator
         fingerprint = self._check_replicas_in_sync()
-        _save({"step": step, "world_size": self.world_size, "rng": rng_states(),
-               "fingerprint": fingerprint,
-               "augment_rng": self.aug_generator.get_state(),
-               "data": self.loader.state_dict() if self.loader is not None else None},
-              tmp / f"rank_{self.rank:05d}.pt")
         student_state = acc.get_state_dict(self.student)  # collective under FSDP
+        model = None
         if self.is_main:
-            _save({"step": step, "world_size": self.world_size, "config": to_plain(self.cfg),
-                   "student": student_state, "teacher": self.teacher.state_dict(),
-                   "objective": self.objective.state_dict(),
-                   "optimizer": self.optimizer.state_dict()}, tmp / "model.pt")
-        acc.wait_for_everyone()
-        if self.is_main:
-            _fsync_dir(tmp)
-            if final.exists():  # the same step saved again (e.g. final == periodic)
-                shutil.rmtree(tmp)
-            else:
-                os.replace(tmp, final)
-            _fsync_dir(root)
-            for old in list_checkpoints(self.output_dir)[: -max(self.cfg.train.keep_checkpoints, 1)]:
-                shutil.rmtree(old, ignore_errors=True)
-        acc.wait_for_everyone()
-        return final
+            model = {"world_size": self.world_size, "config": run_config(self.cfg),
+                     "student": student_state, "teacher": self.teacher.state_dict(),
+                     "objective": self.objective.state_dict(),
+                     "optimizer": self.optimizer.state_dict()}
+        rank_state = {"step": self.step, "world_size": self.world_size, "rng": rng_states(),
+                      "fingerprint": fingerprint, "augment_rng": self.aug_generator.get_state(),
+                      "data": self.loader.state_dict() if self.loader is not None else None}
+        return checkpoint.save(self.output_dir, self.step, rank=self.rank, rank_state=rank_state,
+                               model=model, keep=self.cfg.train.keep_checkpoints,
+                               barrier=acc.wait_for_everyone)
 
     @torch.no_grad()
     def _check_replicas_in_sync(self) -> list[float]:
@@ -261,33 +221,152 @@ class Trainer:
                 raise RuntimeError(f"step {self.step}: model replicas differ across ranks")
         return local.cpu().tolist()
 
-    def _resume_path(self) -> Path | None:
+    def _everyone(self, ok: bool) -> bool:
+        """True when ``ok`` holds on every process (so that all choose the same checkpoint)."""
+        if self.world_size == 1:
+            return ok
+        flags = self.accelerator.gather(torch.tensor([int(ok)], device=self.accelerator.device))
+        return bool(flags.min())
+
+    def _read_checkpoint(self, path: Path) -> tuple[dict, dict | None]:
+        """``model.pt`` and this process's rank file (None when the checkpoint was written by
+        another number of processes); a CheckpointError on every process if any fails."""
+        error = None
+        try:
+            state = checkpoint.load(path)
+            rank_state = None
+            if state["world_size"] == self.world_size:
+                rank_state = checkpoint.load_rank(path, self.rank)
+        except CheckpointError as err:
+            error = err
+            if not self.is_main:  # process 0 only learns that some process failed
+                print(f"warning: process {self.rank}: {err}", file=sys.stderr, flush=True)
+        if not self._everyone(error is None):
+            raise error or CheckpointError(f"{path}: another process's rank file is unreadable")
+        return state, rank_state
+
+    def find_checkpoint(self) -> tuple[Path, dict, dict | None] | None:
+        """The checkpoint ``resume`` names: ``auto`` = the newest readable one in output_dir
+        (damaged newer ones are skipped and named; none at all = a fresh start), or a path."""
         resume = self.cfg.resume
         if not resume:
             return None
         if resume == "auto":
-            return latest_checkpoint(self.output_dir)  # none yet: a fresh start
-        path = Path(resume)
-        if checkpoint_step(path) is None:
-            raise FileNotFoundError(f"resume={resume}: not a checkpoint directory with model.pt")
-        return path
+            candidates = list_checkpoints(self.output_dir)[::-1]
+            if not candidates:
+                self._say(f"resume=auto: no checkpoint in {self._checkpoint_root()} yet: "
+                          f"starting at step 0")
+                return None
+        else:
+            candidates = [Path(resume)]
+        skipped: list[str] = []
+        found = checkpoint.load_newest(candidates, self._read_checkpoint, skipped)
+        if found is None:
+            raise RunError(f"resume={resume}: no usable checkpoint: {'; '.join(skipped)}")
+        for reason in skipped:
+            self._say(f"skipped damaged checkpoint: {reason}", warning=True)
+        path, (state, rank_state) = found
+        return path, state, rank_state
 
-    def load_checkpoint(self, path: Path) -> dict | None:
-        """Restore model, teacher, optimiser, loss state and step; returns this rank's state
-        (RNG, data position), applied once the data stream exists."""
-        state = torch.load(path / "model.pt", map_location="cpu", weights_only=False)
-        self.accelerator.unwrap_model(self.student).load_state_dict(state["student"])
-        self.teacher.load_state_dict(state["teacher"])
-        self.objective.load_state_dict(state["objective"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def _check_config(self, path: Path, saved: dict) -> None:
+        changes = config_changes(saved, self.cfg)
+        if not changes:
+            return
+        listed = "; ".join(changes)
+        if not self.cfg.resume_allow_changes:
+            raise RunError(
+                f"resume from {path}: the config differs from the checkpoint's in what it trains: "
+                f"{listed}. Only these keys may change on resume: {', '.join(RESUME_MAY_CHANGE)}. "
+                f"Restore the checkpoint's values, train into a new output_dir, or add "
+                f"resume_allow_changes=true to continue with the new values")
+        self._say(f"resume_allow_changes=true: continuing {path} with {listed}", warning=True)
+
+    def _claim_output_dir(self, resumed: Path | None) -> None:
+        """Refuse to mix this run with another in output_dir, or (overwrite=true) remove the
+        other's files. Another run is: anything there, for a fresh start or a continuation from
+        elsewhere; checkpoints after ``resumed``, for a continuation from one of output_dir's.
+        resume=auto continues the newest readable checkpoint (any later one is a damaged one it
+        skipped, replaced when the run gets there) or starts over in a run without any."""
+        out = self.output_dir
+        if not out.is_dir() or self.cfg.resume == "auto":
+            return
+        in_place = (resumed is not None
+                    and resumed.resolve().parent == self._checkpoint_root().resolve())
+        if in_place:
+            stale = [p for p in list_checkpoints(out)
+                     if (checkpoint.checkpoint_step(p) or 0) > self.step]
+            what = f"holds checkpoints after step {self.step}"
+        else:
+            stale = sorted(out.iterdir())
+            what = "is not empty"
+        if not stale:
+            return
+        names = ", ".join(p.name for p in stale[:6]) + (" ..." if len(stale) > 6 else "")
+        if not self.cfg.overwrite:
+            how = "a new run" if resumed is None else f"continuing from {resumed}"
+            raise RunError(
+                f"output_dir {out} {what} ({names}): {how} would mix with the run there. "
+                f"Continue that run with resume=auto, "
+                f"{'discard them' if in_place else 'replace it'} with overwrite=true, or choose "
+                f"another output_dir")
+        self.accelerator.wait_for_everyone()  # every process has looked before anything goes
+        if self.is_main:
+            removed = []
+            for p in stale:
+                if not in_place and p.name not in RUN_FILES:
+                    continue  # not a run's file: left alone
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                removed.append(p.name)
+            if removed:
+                print(f"overwrite=true: removed {', '.join(removed)} from {out}", flush=True)
+        self.accelerator.wait_for_everyone()
+
+    def load_checkpoint(self, path: Path, state: dict) -> None:
+        """Restore model, teacher, optimiser, loss state and step from ``model.pt``'s state."""
+        try:
+            self.accelerator.unwrap_model(self.student).load_state_dict(state["student"])
+            self.teacher.load_state_dict(state["teacher"])
+            self.objective.load_state_dict(state["objective"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            # torch lists every mismatch after a header line: name the first one.
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+            first = (lines[1] if len(lines) > 1 else lines[0] if lines else repr(err))[:300]
+            raise CheckpointError(
+                f"{path}: does not fit the model of this config ({first}); continue it with the "
+                f"checkpoint's model: section") from err
         self.step = int(state["step"])
-        rank_file = path / f"rank_{self.rank:05d}.pt"
-        if state["world_size"] != self.world_size or not rank_file.exists():
-            print(f"warning: {path} was written by {state['world_size']} processes, this run has "
-                  f"{self.world_size}: the data stream and RNG restart (seeded by the step)",
-                  file=sys.stderr)
-            return None
-        return torch.load(rank_file, map_location="cpu", weights_only=False)
+        if state["world_size"] != self.world_size:
+            self._say(f"{path} was written by {state['world_size']} process(es), this run has "
+                      f"{self.world_size}: the data stream and RNGs restart (seeded by the step), "
+                      f"so the run does not continue exactly", warning=True)
+
+    def _metrics_until(self, step: int) -> list[str]:
+        """metrics.jsonl lines up to ``step`` (later ones are redone). A torn last line (a kill
+        during a write) is dropped; damage elsewhere is an error naming the line."""
+        metrics = self.output_dir / METRICS_FILE
+        if not metrics.exists():
+            return []
+        lines = metrics.read_text().splitlines()
+        keep = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):
+                    self._say(f"{metrics}: dropped a torn last line ({line[:40]!r}...)",
+                              warning=True)
+                    continue
+                raise RunError(f"{metrics}, line {number}: not JSON ({line[:60]!r}); repair or "
+                               f"delete that line, then resume again") from None
+            if row.get("step", 0) <= step:
+                keep.append(line + "\n")
+        return keep
 
     # ------------------------------------------------------------------ loop
 
@@ -296,42 +375,47 @@ class Trainer:
             return
         bad = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values.tolist(), strict=True)
                         if not math.isfinite(v))
-        last = latest_checkpoint(self.output_dir)
+        last = checkpoint.latest(self.output_dir)
         raise NonFiniteLossError(
             f"non-finite loss at step {self.step + 1}: {bad}. Stopping without writing a "
             f"checkpoint; the last good one is {last or 'none'}. Try a lower train.base_lr, "
             f"a longer train.warmup_steps or mixed_precision=no.")
 
-    def _prepare_output(self, resumed: bool) -> None:
+    def _write_run_files(self, resumed: Path | None) -> None:
+        """config.yaml, and metrics.jsonl cut back to the step continued from."""
+        keep = self._metrics_until(self.step) if resumed is not None else []
         if not self.is_main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.output_dir / "config.yaml")
+        save_config(self.cfg, self.output_dir / CONFIG_FILE)
         metrics = self.output_dir / METRICS_FILE
         if metrics.exists():
-            # Drop lines logged after the checkpoint we continue from (they will be redone).
-            keep = []
-            if resumed:
-                for line in metrics.read_text().splitlines():
-                    if line.strip() and json.loads(line).get("step", 0) <= self.step:
-                        keep.append(line + "\n")
             metrics.write_text("".join(keep))
 
     def fit(self, stop_after: int | None = None) -> dict[str, float]:
         """Train to ``train.max_steps`` (or return after optimiser step ``stop_after``, which
         simulates an interruption in tests). Returns the last logged metrics."""
         cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
-        path = self._resume_path()
-        rank_state = self.load_checkpoint(path) if path is not None else None
-        self._prepare_output(resumed=path is not None)
+        found = self.find_checkpoint()
+        path, rank_state = None, None
+        if found is not None:
+            path, state, rank_state = found
+            self._check_config(path, state["config"])
+            self.load_checkpoint(path, state)
+            del state
+        self._claim_output_dir(path)
+        data_state = rank_state["data"] if rank_state else None
+        seed = tc.seed if rank_state or not path else tc.seed + self.step
+        # The data source is checked before anything is written: a wrong data.shards leaves
+        # output_dir as it was.
+        self.loader = self._make_loader(cfg.data, seed=seed, rank=self.rank,
+                                        world_size=self.world_size, state=data_state)
+        self._write_run_files(path)
+        if path is not None:
+            self._say(f"resumed from {path} (step {self.step})")
         acc.wait_for_everyone()
         if tc.tensorboard:
             acc.init_trackers("tensorboard")
-
-        data_state = rank_state["data"] if rank_state else None
-        seed = tc.seed if rank_state or not path else tc.seed + self.step
-        self.loader = self._make_loader(cfg.data, seed=seed, rank=self.rank,
-                                        world_size=self.world_size, state=data_state)
         batches = iter(self.loader)  # before restoring RNG: creating an iterator may draw from it
         if rank_state:
             set_rng_states(rank_state["rng"])

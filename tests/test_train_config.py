@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,24 @@ def test_bad_values_are_errors(tmp_path):
     path.write_text(yaml.safe_dump({"train": {"unknown": 1}, "data": {"shards": "x"}}))
     with pytest.raises(ConfigError, match="train.unknown"):
         load_config(path)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.base_lr=0", "train.base_lr=0.0"), ("train.base_lr=-1e-3", "train.base_lr=-0.001"),
+    ("train.checkpoint_every=0", "train.checkpoint_every=0"),
+    ("train.log_every=0", "train.log_every=0"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints=0"),
+    ("model.arch=vit_no_such_model", "model.arch='vit_no_such_model'"),
+])
+def test_values_that_would_fail_later_are_errors_now(override, key):
+    with pytest.raises(ConfigError, match=f"invalid value: {re.escape(key)} "):
+        load_config(EXAMPLES[0].parent / "tiny-cpu.yaml", [override])
+
+
+def test_saved_config_never_carries_the_switches_of_one_invocation(tmp_path):
+    cfg = load_config(EXAMPLES[0].parent / "tiny-cpu.yaml",
+                      ["overwrite=true", "resume_allow_changes=true", "resume=auto"])
+    assert cfg.overwrite and cfg.resume_allow_changes
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert not again.overwrite and not again.resume_allow_changes and again.resume == "auto"

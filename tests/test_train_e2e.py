@@ -16,8 +16,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from shardkit import make_shards  # noqa: E402
 
+from midnight_train import checkpoint  # noqa: E402
+from midnight_train.checkpoint import list_checkpoints  # noqa: E402
 from midnight_train.config import load_config  # noqa: E402
-from midnight_train.trainer import Trainer, list_checkpoints  # noqa: E402
+from midnight_train.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny-cpu.yaml"
@@ -89,10 +91,9 @@ def test_two_process_cpu_run_stays_in_sync(shards, tmp_path):
     rows = metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(math.isfinite(r["loss"]) for r in rows)
     ckpt = list_checkpoints(out)[-1]
-    r0 = torch.load(ckpt / "rank_00000.pt", weights_only=False)
-    r1 = torch.load(ckpt / "rank_00001.pt", weights_only=False)
+    r0, r1 = checkpoint.load_rank(ckpt, 0), checkpoint.load_rank(ckpt, 1)
     assert r0["fingerprint"] == r1["fingerprint"]  # identical student and teacher on both ranks
     assert r0["data"] != r1["data"]  # ... fed different data
     assert not torch.equal(r0["augment_rng"], r1["augment_rng"])
-    model = torch.load(ckpt / "model.pt", weights_only=False)
+    model = checkpoint.load(ckpt)
     assert model["world_size"] == 2

@@ -12,8 +12,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fakes import make_trainer, tiny_config  # noqa: E402
 
-from midnight_train import trainer as trainer_mod  # noqa: E402
-from midnight_train.trainer import NonFiniteLossError, latest_checkpoint, list_checkpoints  # noqa: E402
+from midnight_train import checkpoint  # noqa: E402
+from midnight_train.checkpoint import latest, list_checkpoints  # noqa: E402
+from midnight_train.trainer import NonFiniteLossError  # noqa: E402
 
 VOLATILE = {"samples_per_s"}
 
@@ -50,8 +51,8 @@ def test_resume_gives_identical_metrics(tmp_path):
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["step"] for r in cut] == list(range(1, 7))
     assert stable(full) == stable(cut)
-    a = torch.load(latest_checkpoint(tmp_path / "full") / "model.pt", weights_only=False)
-    b = torch.load(latest_checkpoint(tmp_path / "cut") / "model.pt", weights_only=False)
+    a = checkpoint.load(latest(tmp_path / "full"))
+    b = checkpoint.load(latest(tmp_path / "cut"))
     for key in ("student", "teacher"):
         for name, value in a[key].items():
             assert torch.equal(value, b[key][name]), (key, name)
@@ -59,18 +60,18 @@ def test_resume_gives_identical_metrics(tmp_path):
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, train={"max_steps": 4, "checkpoint_every": 2})
-    real_save = trainer_mod._save
+    real_write = checkpoint._write
 
-    def crashing_save(obj, path):
+    def crashing_write(obj, path):
         if obj.get("step") == 4 and Path(path).name == "model.pt":
             Path(path).write_bytes(b"half a checkpoint")  # as if killed mid-write
             raise KeyboardInterrupt("killed during save")
-        real_save(obj, path)
+        real_write(obj, path)
 
-    monkeypatch.setattr(trainer_mod, "_save", crashing_save)
+    monkeypatch.setattr(checkpoint, "_write", crashing_write)
     with pytest.raises(KeyboardInterrupt):
         make_trainer(cfg).fit()
-    monkeypatch.setattr(trainer_mod, "_save", real_save)
+    monkeypatch.setattr(checkpoint, "_write", real_write)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002"]
     assert (tmp_path / "checkpoints" / ".tmp_step_00000004").exists()  # ignored leftovers
     cfg.resume = "auto"
@@ -123,7 +124,7 @@ def test_schedules_count_optimiser_steps_with_accumulation(tmp_path):
     # 4 optimiser updates from 12 micro-batches, and the data position says 12.
     states = [s for s in trainer.optimizer.state_dict()["state"].values()]
     assert all(int(s["step"]) == 4 for s in states)
-    rank = torch.load(latest_checkpoint(tmp_path) / "rank_00000.pt", weights_only=False)
+    rank = checkpoint.load_rank(latest(tmp_path), 0)
     assert rank["data"] == {"position": 12} and rank["step"] == 4
 
 
@@ -154,7 +155,7 @@ def test_kde_term_alone_spreads_student_embeddings(tmp_path):
 def test_non_finite_loss_stops_with_step_and_term(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path, train={"max_steps": 4, "checkpoint_every": 2})
     make_trainer(cfg).fit(stop_after=2)
-    good = latest_checkpoint(tmp_path)
+    good = latest(tmp_path)
     mtime = (good / "model.pt").stat().st_mtime_ns
     import midnight_train.ssl as ssl_mod
 
