@@ -14,7 +14,6 @@ On a GPU (`--device cuda`), bf16 autocast as `embed` runs it.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -30,13 +29,13 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import shardkit  # noqa: E402
 import timm  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
 
 from midnight_prep.samples import cmu_small_region  # noqa: E402
 from midnight_prep.shards import iter_tiles  # noqa: E402
 from midnight_prep.versions import pil_flavour  # noqa: E402
 from midnight_train.crops import decode_tile  # noqa: E402
 from midnight_train.embed import Embedder, to_tensor  # noqa: E402
+from midnight_train.export import save_model_folder  # noqa: E402
 
 # name: (timm architecture, its size); "tiny" is the demo's model, where per-tile overhead counts
 MODELS = {"tiny": ("vit_small_patch14_dinov2", dict(embed_dim=64, depth=2, num_heads=2)),
@@ -45,14 +44,12 @@ MODELS = {"tiny": ("vit_small_patch14_dinov2", dict(embed_dim=64, depth=2, num_h
 
 
 def write_export(model_name: str, path: Path) -> Path:
-    """A randomly initialised backbone with the metadata an export carries."""
+    """A randomly initialised backbone as an export folder."""
     arch, size = MODELS[model_name]
     kwargs = {"img_size": 224, "num_classes": 0, **size}
     model = timm.create_model(arch, pretrained=False, **kwargs)
-    save_file(model.state_dict(), str(path), metadata={
-        "arch": arch, "timm_kwargs": json.dumps(kwargs), "mean": "[0.5, 0.5, 0.5]",
-        "std": "[0.5, 0.5, 0.5]"})
-    return path
+    return save_model_folder(path, model.state_dict(), arch, kwargs, [0.5] * 3, [0.5] * 3,
+                             which="random init", step=0, config={})
 
 
 def per_image(embedder: Embedder, jpegs: list[bytes]) -> np.ndarray:
@@ -75,7 +72,7 @@ def main() -> None:
     shards = shardkit.make_shards(tmp / "shards", cmu_small_region(), n_shards=4,
                                   per_shard=args.tiles // 4, tile_size=256)
     jpegs = [jpg for p in shards for _k, jpg, _m in iter_tiles(str(p))]
-    weights = write_export(args.model, tmp / "model.safetensors")
+    weights = write_export(args.model, tmp / "model")
     rows = {"per-image loop (1 core)": [], "Embedder, batch 64, no workers (1 core)": [],
             "Embedder, batch 64, 1 worker (2 cores)": []}
     reference = None

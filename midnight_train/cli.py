@@ -34,8 +34,8 @@ def main() -> None:
     \b
       midnight-train data preview OUT --out preview.png
       accelerate launch -m midnight_train fit examples/tiny-cpu.yaml data.shards=OUT
-      midnight-train export out/train model.safetensors
-      midnight-train embed model.safetensors tiles/ --out embeddings.npz
+      midnight-train export out/train exports/tiny
+      midnight-train embed exports/tiny tiles/ --out embeddings.npz
     """
 
 
@@ -163,14 +163,23 @@ def fit(config_path: str, overrides: tuple[str, ...], debug: bool) -> None:
 
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True))
-@click.argument("out", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
 @click.option("--which", type=click.Choice(["teacher", "student"]), default="teacher",
               show_default=True)
-@click.option("--img-size", type=int, help="Resample the position embedding to this input size.")
+@click.option("--img-size", type=int, help="Resample the position embedding to this input size "
+              "(e.g. 392 after the high-resolution stage).")
 @click.option("--debug", is_flag=True, help="On an error, show the Python traceback.")
 def export(checkpoint: str, out: str, which: str, img_size: int | None, debug: bool) -> None:
-    """Write a timm-loadable safetensors backbone from CHECKPOINT (a checkpoint directory or a
-    training output directory: its newest readable checkpoint) to OUT."""
+    """Write the backbone of CHECKPOINT (a checkpoint directory, or a training output directory:
+    its newest readable checkpoint) as a model folder OUT: model.safetensors, timm's
+    config.json, a model card README.md and training_config.json. Plain timm loads it without
+    midnight, and the folder can be pushed to a model hub as it is.
+
+    \b
+      midnight-train export runs/tiny exports/tiny
+      midnight-train export runs/midnight-highres exports/midnight-392 --img-size 392
+      python -c 'import timm; timm.create_model("local-dir:exports/tiny", pretrained=True)'
+    """
     from midnight_train.checkpoint import CheckpointError
     from midnight_train.export import export_backbone, read_metadata
 
@@ -184,12 +193,12 @@ def export(checkpoint: str, out: str, which: str, img_size: int | None, debug: b
     for reason in skipped:
         click.echo(f"warning: skipped damaged checkpoint: {reason}", err=True)
     meta = read_metadata(path)
-    click.echo(f"wrote {path}: timm.create_model({meta['arch']!r}, pretrained=False, "
-               f"**{meta['timm_kwargs']}) + load_state_dict")
+    click.echo(f"wrote {path}/ ({meta['arch']}, {which}, step {meta['step']}): "
+               f"timm.create_model('local-dir:{path}', pretrained=True)")
 
 
 @main.command()
-@click.argument("weights", type=click.Path(exists=True, dir_okay=False))
+@click.argument("weights", type=click.Path(exists=True))
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", "out_path", default="embeddings.npz", show_default=True)
 @click.option("--img-size", type=int, help="Resize tiles to this size (default: the export's).")
@@ -206,8 +215,8 @@ def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | 
     listed.
 
     \b
-      midnight-train embed model.safetensors tiles/ --out embeddings.npz
-      midnight-train embed model.safetensors s3://bucket/run/shards/job-000000-0000.tar
+      midnight-train embed exports/tiny tiles/ --out embeddings.npz
+      midnight-train embed exports/tiny s3://bucket/run/shards/job-000000-0000.tar
     """
     from midnight_train.embed import embed_inputs
 
@@ -255,8 +264,8 @@ def evaluate(weights: str, train_path: str, test_path: str, methods: str, k: int
     as the paper reports it: kNN, linear probe and few-shot.
 
     \b
-      midnight-train eval model.safetensors --train bach/train --test bach/test
-      midnight-train eval model.safetensors --train train.npz --test test.npz --methods knn
+      midnight-train eval exports/tiny --train bach/train --test bach/test
+      midnight-train eval exports/tiny --train train.npz --test test.npz --methods knn
     """
     import json
 

@@ -3,7 +3,6 @@ public DINOv2 weights from a local file (with position-embedding interpolation).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,9 +195,3 @@ class SSLNetwork(nn.Module):
 def export_timm_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """``timm_kwargs`` for an exported backbone: fixed image size (plain timm's default)."""
     return {k: v for k, v in timm_kwargs(cfg).items() if k != "dynamic_img_size"}
-
-
-def backbone_metadata(cfg: ModelConfig) -> dict[str, str]:
-    """String metadata stored in exported safetensors so the model can be rebuilt from the file."""
-    return {"format": "midnight-timm", "arch": cfg.arch,
-            "timm_kwargs": json.dumps(export_timm_kwargs(cfg))}

@@ -71,11 +71,11 @@ def s3_env(object_store, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory):
-    """A tiny ViT trained one step on synthetic batches and exported (safetensors + metadata)."""
+    """A tiny ViT trained one step on synthetic batches and exported (a model folder)."""
     from train_fakes import make_trainer, tiny_config
 
     from midnight_train.export import export_backbone
 
     tmp = tmp_path_factory.mktemp("tiny-export")
     make_trainer(tiny_config(tmp / "run", train={"max_steps": 1, "checkpoint_every": 1})).fit()
-    return export_backbone(tmp / "run", tmp / "model.safetensors")
+    return export_backbone(tmp / "run", tmp / "export")

@@ -30,7 +30,7 @@ def test_normalisation_travels_into_the_export_and_embed(tmp_path):
     cfg = tiny_config(tmp_path / "run", train={"max_steps": 1, "checkpoint_every": 1})
     cfg.augment = AugmentConfig(mean=(0.1, 0.2, 0.3), std=(0.4, 0.5, 0.6))
     make_trainer(cfg).fit()
-    out = export_backbone(tmp_path / "run", tmp_path / "m.safetensors")
+    out = export_backbone(tmp_path / "run", tmp_path / "m")
     meta = read_metadata(out)
     assert json.loads(meta["mean"]) == [0.1, 0.2, 0.3] and json.loads(meta["std"]) == [0.4, 0.5, 0.6]
     embedder = Embedder(out)

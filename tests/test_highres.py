@@ -30,19 +30,19 @@ def test_low_res_then_high_res_then_export_and_embed(tmp_path, cmu_slide, monkey
     high = shardkit.make_shards(tmp_path / "high", cmu_slide, n_shards=1, per_shard=16, tile_size=128)
     # stage 1: 56 px global crops (4x4 patches of 14 px)
     fit(f"data.shards={low[0]}", f"output_dir={tmp_path / 'stage1'}")
-    exported = tmp_path / "stage1.safetensors"
+    exported = tmp_path / "stage1-export"
     assert CliRunner().invoke(main, ["export", str(tmp_path / "stage1"), str(exported)]).exit_code == 0
     # stage 2: 2x larger tiles, crops in the paper's ratios (512 px tiles, 392/168 crops: here
     # 128 px tiles, 98/42 crops, 7x7 and 3x3 patches)
-    fit(f"data.shards={high[0]}", f"output_dir={tmp_path / 'stage2'}", f"model.pretrained={exported}",
+    fit(f"data.shards={high[0]}", f"output_dir={tmp_path / 'stage2'}", f"model.pretrained={exported / 'model.safetensors'}",
         "model.img_size=98", "data.global_crop_size=98", "data.local_crop_size=42",
         "train.base_lr=1e-4")
-    final = tmp_path / "final.safetensors"
+    final = tmp_path / "final"
     result = CliRunner().invoke(main, ["export", str(tmp_path / "stage2"), str(final), "--img-size", "98"])
     assert result.exit_code == 0, result.output
-    weights = load_file(str(final))
+    weights = load_file(str(final / "model.safetensors"))
     assert weights["pos_embed"].shape[1] == 1 + 7 * 7  # 98 / 14 = 7 patches a side
-    start = load_file(str(exported))
+    start = load_file(str(exported / "model.safetensors"))
     assert start["pos_embed"].shape[1] == 1 + 4 * 4
     assert not torch.equal(weights["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])
     assert '"img_size": 98' in read_metadata(final)["timm_kwargs"]

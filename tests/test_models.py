@@ -114,12 +114,12 @@ def test_export_loads_in_plain_timm_and_embeds(tmp_path):
 
     trainer = make_trainer(tiny_config(tmp_path / "run", train={"max_steps": 2}))
     trainer.fit()
-    out = export_backbone(tmp_path / "run", tmp_path / "model.safetensors")
+    out = export_backbone(tmp_path / "run", tmp_path / "export")
     meta = read_metadata(out)
     assert meta["arch"] == "vit_small_patch14_dinov2"
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
                               img_size=28, **TINY)
-    model.load_state_dict(load_file(str(out)))  # strict: every key matches
+    model.load_state_dict(load_file(str(out / "model.safetensors")))  # strict: every key matches
     model.eval()
     vit = trainer.teacher.backbone.vit
     for name, value in vit.state_dict().items():
@@ -130,10 +130,10 @@ def test_export_loads_in_plain_timm_and_embeds(tmp_path):
     assert emb.shape == (3, 64)
     assert torch.allclose(emb, torch.cat([tokens[:, 0], tokens[:, 1:].mean(1)], -1), atol=1e-5)
     # another resolution: the position embedding is resampled, plain timm still loads it
-    out42 = export_backbone(tmp_path / "run", tmp_path / "m42.safetensors", img_size=42)
+    out42 = export_backbone(tmp_path / "run", tmp_path / "m42", img_size=42)
     m42 = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
                             img_size=42, **TINY)
-    m42.load_state_dict(load_file(str(out42)))
+    m42.load_state_dict(load_file(str(out42 / "model.safetensors")))
     # embed command path: images on disk -> .npz
     from PIL import Image
 

@@ -131,7 +131,7 @@ def test_crafted_checkpoint_is_refused_not_run(tmp_path):
     torch.save(state, path / "model.pt")
 
     with pytest.raises(CheckpointError, match="refused"):
-        export_backbone(run, tmp_path / "model.safetensors")
+        export_backbone(run, tmp_path / "model")
     with pytest.raises(RunError, match="refused"):
         fit(run, max_steps=2, resume="auto")
     assert not marker.exists()
@@ -210,7 +210,7 @@ def test_export_takes_the_newest_readable_checkpoint_and_says_so(tmp_path, refer
     run = tmp_path / "R"
     fit(run, max_steps=2, checkpoint_every=1)
     damage_model(latest(run))
-    out = tmp_path / "model.safetensors"
+    out = tmp_path / "model"
     result = CliRunner().invoke(main, ["export", str(run), str(out)])
     assert result.exit_code == 0, result.output
     assert "skipped damaged checkpoint" in result.output and "step_00000002" in result.output
