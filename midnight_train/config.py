@@ -76,6 +76,7 @@ class Config:
     resume_allow_changes: bool = False
     data: Any = None  # midnight_train.data.DataConfig
     augment: Any = None  # midnight_train.augment.AugmentConfig
+    eval: Any = None  # midnight_train.periodic_eval.EvalConfig
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -161,12 +162,14 @@ def build_dataclass(cls: type, values: Any, where: str = "") -> Any:
 def build_config(raw: dict) -> Config:
     from midnight_train.augment import AugmentConfig
     from midnight_train.data import DataConfig
+    from midnight_train.periodic_eval import EvalConfig
 
     raw = dict(raw)
-    data, augment = raw.pop("data", None), raw.pop("augment", None)
+    data, augment, evaluation = raw.pop("data", None), raw.pop("augment", None), raw.pop("eval", None)
     cfg = build_dataclass(Config, raw)
     cfg.data = build_dataclass(DataConfig, data, "data")
     cfg.augment = build_dataclass(AugmentConfig, augment, "augment")
+    cfg.eval = build_dataclass(EvalConfig, evaluation, "eval")
     check_values(cfg)
     return cfg
 
@@ -255,6 +258,9 @@ RESUME_MAY_CHANGE = (
     "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
     "train.tensorboard", "train.progress",
     "data.timeout_s", "data.read_retry_s", "data.prefetch_factor",
+    # evaluation during training reads the model, never changes it
+    "eval.every", "eval.sets", "eval.methods", "eval.k", "eval.shots", "eval.repeats",
+    "eval.batch_size",
 )
 
 

@@ -171,6 +171,14 @@ class Trainer:
 
             augment = ColorAugment(cfg.augment)
         self._make_loader, self.augment = make_loader, augment
+        self.periodic_eval = None
+        if cfg.eval is not None and cfg.eval.every and self.is_main:
+            from midnight_train.augment import AugmentConfig
+            from midnight_train.periodic_eval import PeriodicEval
+
+            aug = cfg.augment or AugmentConfig()
+            self.periodic_eval = PeriodicEval(cfg.eval, cfg.model.img_size,
+                                              list(aug.mean), list(aug.std))
         self.aug_generator = torch.Generator(device=acc.device)
         self.aug_generator.manual_seed(tc.seed * 1_000_003 + 7919 * self.rank + 1)
         self.step = 0  # optimiser steps done
@@ -438,6 +446,11 @@ class Trainer:
         try:
             while self.step < tc.max_steps:
                 last = self._train_step(batches)
+                if cfg.eval is not None and cfg.eval.every and self.step % cfg.eval.every == 0:
+                    if self.periodic_eval is not None:  # main process; the others wait
+                        last = {**(last or {"step": self.step}),
+                                **self.periodic_eval(self.teacher.backbone.vit)}
+                    acc.wait_for_everyone()
                 if last and self.is_main:
                     with open(self.output_dir / METRICS_FILE, "a") as f:
                         f.write(json.dumps(last) + "\n")

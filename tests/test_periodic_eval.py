@@ -1,0 +1,75 @@
+"""Evaluation during training: scores land in metrics.jsonl as eval/<set>/<method>, the training
+itself is unchanged by it, and exact resume still holds with it on."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import shardkit
+import torch
+from PIL import Image
+from train_fakes import make_trainer, tiny_config
+
+from midnight_train import checkpoint
+from midnight_train.periodic_eval import EvalConfig
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, cmu_slide):
+    """Real tissue at two magnifications, as class folders (train and test)."""
+    root = tmp_path_factory.mktemp("labelled")
+    tiles = shardkit.tissue_tiles(cmu_slide, 16, size=112, seed=5)
+    for split, part in (("train", tiles[:10]), ("test", tiles[10:])):
+        for i, tile in enumerate(part):
+            for label, img in (("fine", Image.fromarray(tile[28:84, 28:84])),
+                               ("coarse", Image.fromarray(tile).resize((56, 56), Image.Resampling.BOX))):
+                (root / split / label).mkdir(parents=True, exist_ok=True)
+                img.save(root / split / label / f"{i}.png")
+    return root
+
+
+def config(out, labelled, every):
+    cfg = tiny_config(out, train={"max_steps": 4, "checkpoint_every": 2})
+    cfg.eval = EvalConfig(every=every, sets=[{"name": "mag", "train": str(labelled / "train"),
+                                              "test": str(labelled / "test")}],
+                          methods=["knn", "linear", "fewshot"], shots=3, repeats=2)
+    return cfg
+
+
+def test_eval_metrics_logged_without_changing_training(tmp_path, labelled):
+    make_trainer(config(tmp_path / "with", labelled, every=2)).fit()
+    make_trainer(config(tmp_path / "without", labelled, every=0)).fit()
+    with_eval, without = read_metrics(tmp_path / "with"), read_metrics(tmp_path / "without")
+    scored = [r for r in with_eval if "eval/mag/knn" in r]
+    assert [r["step"] for r in scored] == [2, 4]
+    assert all(0 <= r[f"eval/mag/{m}"] <= 1 for r in scored for m in ("knn", "linear", "fewshot"))
+    strip = [{k: v for k, v in r.items() if not k.startswith("eval/") and k != "samples_per_s"}
+             for r in with_eval]
+    assert strip == [{k: v for k, v in r.items() if k != "samples_per_s"} for r in without]
+    a = checkpoint.load(checkpoint.latest(tmp_path / "with"))
+    b = checkpoint.load(checkpoint.latest(tmp_path / "without"))
+    assert all(torch.equal(v, b["teacher"][k]) for k, v in a["teacher"].items())
+
+
+def test_exact_resume_with_eval_on(tmp_path, labelled):
+    make_trainer(config(tmp_path / "full", labelled, every=2)).fit()
+    cut = config(tmp_path / "cut", labelled, every=2)
+    make_trainer(cut).fit(stop_after=2)
+    cut.resume = "auto"
+    make_trainer(cut).fit()
+    drop = ("samples_per_s",)
+    full = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / "full")]
+    resumed = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / "cut")]
+    assert resumed == full and "eval/mag/linear" in resumed[-1]
+
+
+def test_eval_config_is_checked():
+    with pytest.raises(ValueError, match="svm"):
+        EvalConfig(every=1, sets=[{"name": "a", "train": "x", "test": "y"}], methods=["svm"])
+    with pytest.raises(ValueError, match="eval.sets is empty"):
+        EvalConfig(every=5)
