@@ -200,7 +200,8 @@ def export(checkpoint: str, out: str, which: str, img_size: int | None, debug: b
 @main.command()
 @click.argument("weights", type=click.Path(exists=True))
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--out", "out_path", default="embeddings.npz", show_default=True)
+@click.option("--out", "out_path", default="embeddings.npz", show_default=True,
+              help="An .npz, or a .parquet table with one row per tile.")
 @click.option("--img-size", type=int, help="Resize tiles to this size (default: the export's).")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--workers", default=4, show_default=True,
@@ -210,8 +211,8 @@ def export(checkpoint: str, out: str, which: str, img_size: int | None, debug: b
 def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | None,
           batch_size: int, workers: int, cls_only: bool) -> None:
     """CLS+Mean embeddings of INPUTS (images, directories, .tar shards; local paths or fsspec
-    URLs) with exported WEIGHTS; writes an .npz with `keys`, `embeddings` and, for shard
-    samples, `slide_id`, `mpp`, `x`, `y`. Unreadable images and damaged shards are skipped and
+    URLs) with exported WEIGHTS; writes `keys`, `embeddings` and, for shard samples,
+    `slide_id`, `mpp`, `x`, `y` to an .npz or a .parquet table. Unreadable images and damaged shards are skipped and
     listed.
 
     \b

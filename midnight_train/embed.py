@@ -181,17 +181,31 @@ def embed_inputs(weights: str | Path, inputs: list[str], out: str | Path, *,
                  img_size: int | None = None, batch_size: int = 64, num_workers: int = 0,
                  device: str | None = None, cls_only: bool = False, progress: bool = False,
                  skipped: list[str] | None = None) -> tuple[int, int]:
-    """Embed every input tile with an exported backbone and write ``out``: an .npz with ``keys``,
+    """Embed every input tile with an exported backbone and write ``out``: ``keys``,
     ``embeddings`` float32 and, for shard samples, their ``slide_id``, ``mpp``, ``x``, ``y``
-    (empty / NaN / -1 where unknown). Returns (tiles, embedding dimension). Unreadable images
-    and shards are skipped and described in ``skipped`` (when given)."""
+    (empty / NaN / -1 where unknown), as an .npz or, for a ``.parquet`` path, a table with one
+    row per tile (``embedding`` a fixed-size list column). Returns (tiles, embedding dimension).
+    Unreadable images and shards are skipped and described in ``skipped`` (when given)."""
+    if Path(out).suffix not in (".npz", ".parquet"):
+        raise ValueError(f"{out}: the output is an .npz or a .parquet file")
     skipped = [] if skipped is None else skipped
     embedder = Embedder(weights, img_size=img_size, batch_size=batch_size,
                         num_workers=num_workers, device=device, cls_only=cls_only)
     keys, emb, metas = embedder(inputs, skipped.append, progress=progress)
-    np.savez(out, keys=np.array(keys), embeddings=emb,
-             slide_id=np.array([str(m.get("slide_id", "")) for m in metas]),
-             mpp=np.array([float(m.get("mpp", "nan")) for m in metas]),
-             x=np.array([int(m.get("x", -1)) for m in metas]),
-             y=np.array([int(m.get("y", -1)) for m in metas]))
+    columns = {"keys": np.array(keys, dtype=str),
+               "slide_id": np.array([str(m.get("slide_id", "")) for m in metas], dtype=str),
+               "mpp": np.array([float(m.get("mpp", "nan")) for m in metas], dtype=np.float64),
+               "x": np.array([int(m.get("x", -1)) for m in metas], dtype=np.int64),
+               "y": np.array([int(m.get("y", -1)) for m in metas], dtype=np.int64)}
+    if Path(out).suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        dim = emb.shape[1] if emb.ndim == 2 else 0
+        table = pa.table({"key": columns.pop("keys"), **columns,
+                          "embedding": pa.FixedSizeListArray.from_arrays(
+                              pa.array(emb.reshape(-1), pa.float32()), dim)})
+        pq.write_table(table, str(out))
+    else:
+        np.savez(out, embeddings=emb, **columns)
     return len(keys), emb.shape[1] if emb.ndim == 2 else 0

@@ -66,3 +66,20 @@ def test_workers_and_batch_size_change_nothing_but_speed(tmp_path, cmu_slide, ti
     cls = tmp_path / "cls.npz"
     embed_inputs(tiny_export, inputs[:1], cls, cls_only=True)
     assert np.allclose(np.load(cls)["embeddings"], a["embeddings"][:5, :32], atol=1e-5)
+
+
+def test_parquet_has_one_row_per_tile_with_its_sample_fields(tmp_path, cmu_slide, tiny_export):
+    import pyarrow.parquet as pq
+
+    from midnight_train.embed import embed_inputs
+
+    shard = shardkit.make_shards(tmp_path, cmu_slide, n_shards=1, per_shard=4, tile_size=40)[0]
+    embed_inputs(tiny_export, [str(shard)], tmp_path / "e.npz")
+    embed_inputs(tiny_export, [str(shard)], tmp_path / "e.parquet")
+    table = pq.read_table(tmp_path / "e.parquet").to_pydict()
+    npz = np.load(tmp_path / "e.npz")
+    assert table["key"] == list(npz["keys"]) and table["slide_id"] == ["cmu1"] * 4
+    assert table["x"] == list(npz["x"]) and np.allclose(table["mpp"], shardkit.MPP)
+    assert np.allclose(np.array(table["embedding"]), npz["embeddings"])
+    result = CliRunner().invoke(main, ["embed", str(tiny_export), str(shard), "--out", str(tmp_path / "e.csv")])
+    assert result.exit_code == 2 and ".parquet" in result.output
