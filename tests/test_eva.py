@@ -38,8 +38,10 @@ def midnight_export(tmp_path_factory):
     return export_backbone(tmp / "run", tmp / "export")
 
 
-@pytest.mark.parametrize("task", ["bach", "pcam_10shot"])
-def test_eva_parses_our_configs(task, midnight_export, tmp_path):
+def test_eva_parses_our_config(midnight_export, tmp_path):
+    """One eva start costs ~15 s here: the 10-shot config (binary head, balanced sampler) is the
+    one with the most parts; the others share its form."""
+    task = "pcam_10shot"
     env = {**os.environ, "MIDNIGHT_EXPORT": str(midnight_export), "HF_HUB_OFFLINE": "1",
            "IN_FEATURES": subprocess.check_output(
                [sys.executable, "-m", "midnight_train.eva_backbone", str(midnight_export)], text=True).strip()}
