@@ -16,13 +16,11 @@ from .report import format_summary, summarize
 
 
 def _mpp_list(ctx, param, value: str) -> tuple[float, ...]:
+    """Parse only; BuildParams says which values are allowed."""
     try:
-        mpps = tuple(float(v) for v in value.split(",") if v.strip())
+        return tuple(float(v) for v in value.split(",") if v.strip())
     except ValueError as e:
         raise click.BadParameter(f"{value!r}: expected comma-separated numbers like 2,1,0.5,0.25") from e
-    if not mpps or min(mpps) <= 0:
-        raise click.BadParameter("give at least one positive µm/px")
-    return mpps
 
 
 def plan_options(f):
@@ -55,9 +53,9 @@ def _plan_from_options(inputs, output, mpps, tile_size, tiles_per_slide, total_t
                        seed, foreground, hsv_min_fraction, slides_per_job, group) -> Plan:
     if tiles_per_slide is None and total_tiles is None:
         tiles_per_slide = 1000
-    params = BuildParams(mpps=mpps, tile_size=tile_size, seed=seed, foreground=foreground,
-                         hsv_min_fraction=hsv_min_fraction, shard_size=shard_size)
     try:
+        params = BuildParams(mpps=mpps, tile_size=tile_size, seed=seed, foreground=foreground,
+                             hsv_min_fraction=hsv_min_fraction, shard_size=shard_size)
         return make_plan(list(inputs), output, params, tiles_per_slide, total_tiles, slides_per_job, group)
     except PlanError as e:
         raise click.UsageError(str(e)) from e
@@ -85,7 +83,7 @@ def _load_plan(source: str) -> Plan:
         return Plan.from_dict(shards.read_json(url))
     except FileNotFoundError as e:
         raise click.UsageError(f"no plan at {url}; create one with `midnight-prep plan`") from e
-    except (OSError, ValueError, KeyError, PlanError) as e:
+    except (OSError, ValueError, KeyError, TypeError, PlanError) as e:
         raise click.ClickException(f"cannot read the plan {url}: {e}") from e
 
 
@@ -170,7 +168,8 @@ def main() -> None:
 
 @main.command()
 @plan_options
-@click.option("--workers", "-j", default=1, show_default=True, help="Local worker processes.")
+@click.option("--workers", "-j", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Local worker processes.")
 def build(workers, **options) -> None:
     """Plan and run: sample tiles from INPUTS (slide files, directories, or CSV slide lists with
     columns path[,slide_id,mpp,group]) into shards under --output. Resumable: run it again after
@@ -192,9 +191,10 @@ def plan_cmd(**options) -> None:
 
 @main.command()
 @click.argument("plan_source")
-@click.option("--workers", "-j", default=1, show_default=True, help="Local worker processes.")
-@click.option("--task", default=0, show_default=True, help="This task's index (e.g. $SLURM_ARRAY_TASK_ID).")
-@click.option("--num-tasks", default=1, show_default=True, help="Number of tasks sharing the plan; task I runs jobs I, I+N, ...")
+@click.option("--workers", "-j", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Local worker processes.")
+@click.option("--task", default=0, show_default=True, type=click.IntRange(min=0), help="This task's index (e.g. $SLURM_ARRAY_TASK_ID).")
+@click.option("--num-tasks", default=1, show_default=True, type=click.IntRange(min=1), help="Number of tasks sharing the plan; task I runs jobs I, I+N, ...")
 @click.option("--jobs", "job_ids", help="Only these job ids (comma-separated).")
 def run(plan_source, workers, task, num_tasks, job_ids) -> None:
     """Run the unfinished jobs of a plan (PLAN_SOURCE: plan.json or the output it lives in)."""
@@ -225,7 +225,7 @@ def status(plan_source, as_json) -> None:
 @main.command()
 @click.argument("shard_urls", nargs=-1, required=True)
 @click.option("--out", "out_png", default="contact-sheet.png", show_default=True, help="Contact sheet PNG to write.")
-@click.option("--count", default=48, show_default=True, help="Tiles on the sheet.")
+@click.option("--count", default=48, show_default=True, type=click.IntRange(min=0), help="Tiles on the sheet.")
 def inspect(shard_urls, out_png, count) -> None:
     """Per-shard statistics and a contact sheet of tiles labelled with their µm/px."""
     from .inspect import contact_sheet, shard_stats

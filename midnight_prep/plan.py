@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .shards import JPEG_QUALITY, safe_slide_id
+from .slides import PLAUSIBLE_MPP
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
                     ".svslide")
@@ -18,6 +20,25 @@ PLAN_VERSION = 1
 
 class PlanError(Exception):
     """The inputs cannot be planned; the message says what to fix."""
+
+
+# Tile sides allowed: a smaller tile makes the tissue mask (4 cells per smallest tile) needlessly
+# fine and large; a larger one is far beyond what the training crops use.
+TILE_SIZE_RANGE = (32, 8192)
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def require(ok: bool, rule: str, value) -> None:
+    """Raise PlanError "RULE, got VALUE" unless ``ok``."""
+    if not ok:
+        raise PlanError(f"{rule}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -33,6 +54,37 @@ class BuildParams:
     # Reads allowed per (slide, magnification): budget_factor * quota + 64. Bounds the time spent
     # on slides whose tissue mostly fails the colour filter.
     read_budget_factor: float = 8.0
+
+    def __post_init__(self) -> None:
+        """Refuse values that would lose tiles or fail later with an unrelated message (checked
+        for the command line and for a hand-edited plan.json alike)."""
+        lo, hi = PLAUSIBLE_MPP
+        require(len(self.mpps) > 0, "--mpp needs at least one µm/px", self.mpps)
+        for mpp in self.mpps:
+            require(_real(mpp) and lo <= mpp <= hi,
+                    f"--mpp: each µm/px must be a number in [{lo:g}, {hi:g}]", mpp)
+        # Sample keys tell magnifications apart to 0.001 µm/px: the same one twice would write
+        # every tile twice under the same key.
+        require(len({round(m * 1000) for m in self.mpps}) == len(self.mpps),
+                "--mpp: give each magnification once (they are told apart to 0.001 µm/px)",
+                ",".join(f"{m:g}" for m in self.mpps))
+        lo_px, hi_px = TILE_SIZE_RANGE
+        require(_whole(self.tile_size) and lo_px <= self.tile_size <= hi_px,
+                f"--tile-size must be a whole number of pixels in [{lo_px}, {hi_px}]", self.tile_size)
+        require(_whole(self.seed) and self.seed >= 0, "--seed must be a whole number >= 0", self.seed)
+        require(_real(self.foreground) and 0 <= self.foreground <= 1,
+                "--foreground is the tissue fraction a tile needs: a number in [0, 1]", self.foreground)
+        require(_real(self.hsv_min_fraction) and 0 <= self.hsv_min_fraction <= 1,
+                "--hsv-min-fraction is a fraction of a tile's pixels: a number in [0, 1]",
+                self.hsv_min_fraction)
+        require(_whole(self.shard_size) and self.shard_size >= 1,
+                "--shard-size (samples per shard) must be a whole number >= 1", self.shard_size)
+        require(_real(self.mpp_tolerance) and 0 <= self.mpp_tolerance < 1,
+                "mpp_tolerance (plan.json) must be a number in [0, 1)", self.mpp_tolerance)
+        require(_whole(self.jpeg_quality) and 1 <= self.jpeg_quality <= 100,
+                "jpeg_quality (plan.json) must be a whole number in [1, 100]", self.jpeg_quality)
+        require(_real(self.read_budget_factor) and self.read_budget_factor > 0,
+                "read_budget_factor (plan.json) must be a number > 0", self.read_budget_factor)
 
     @classmethod
     def from_dict(cls, d: dict) -> BuildParams:
@@ -150,6 +202,11 @@ def make_plan(
     each slide its quota, spread evenly over the magnifications."""
     if (tiles_per_slide is None) == (total_tiles is None):
         raise PlanError("give exactly one of --tiles-per-slide or --total-tiles")
+    for option, value in (("--tiles-per-slide", tiles_per_slide), ("--total-tiles", total_tiles)):
+        if value is not None:
+            require(_whole(value) and value >= 1, f"{option} must be a whole number >= 1", value)
+    require(_whole(slides_per_job) and slides_per_job >= 1,
+            "--slides-per-job must be a whole number >= 1", slides_per_job)
     rows = collect_inputs(inputs)
     seen: dict[str, str] = {}
     slides = []
