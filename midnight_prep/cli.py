@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from . import shards
 from .executors import run_jobs
+from .jobstate import JobState, check_jobs, foreign_message, other_manifests
 from .plan import BuildParams, Plan, PlanError, make_plan
 from .report import format_summary, summarize
 
@@ -66,15 +67,30 @@ def _store_plan(plan: Plan) -> str:
     url = shards.join(plan.output, shards.PLAN_NAME)
     try:
         if shards.exists(url):
-            if Plan.from_dict(shards.read_json(url)).to_json() != plan.to_json():
+            if Plan.from_dict(shards.read_json(url)).sha256() != plan.sha256():
                 raise click.UsageError(
                     f"{url} holds a different plan (other slides or options). Use a new --output, or "
                     f"continue that plan with: midnight-prep run {url}")
             return url
+        _job_states(plan, plan.jobs, whole_output=True)  # no plan.json, but maybe another plan's results
         shards.publish_bytes(plan.to_json().encode(), url)
     except OSError as e:
         raise click.ClickException(f"cannot write to {plan.output}: {e}. Check the path or the object store.") from e
     return url
+
+
+def _job_states(plan: Plan, jobs, whole_output: bool = False) -> dict[str, JobState]:
+    """The state of ``jobs``; refuses (exit 2) when the output holds results of another plan
+    (with ``whole_output``, also manifests of jobs this plan does not have)."""
+    try:
+        states = check_jobs(plan.output, plan.sha256(), [j.job_id for j in jobs])
+        others = other_manifests(plan.output, {j.job_id for j in plan.jobs}) if whole_output else []
+    except OSError as e:
+        raise click.ClickException(f"cannot read {plan.output}: {e}") from e
+    foreign = [s for s in states.values() if s.kind == "foreign"]
+    if foreign or others:
+        raise click.UsageError(foreign_message(plan.output, foreign, others))
+    return states
 
 
 def _load_plan(source: str) -> Plan:
@@ -100,12 +116,10 @@ def _select(plan: Plan, task: int, num_tasks: int, job_ids: str | None):
     return [j for i, j in enumerate(jobs) if i % num_tasks == task]
 
 
-def _execute(plan: Plan, jobs, workers: int) -> int:
-    """Run the jobs of ``jobs`` that have no manifest yet; print a summary; return exit status."""
-    try:
-        done = shards.list_manifests(plan.output)
-    except OSError as e:
-        raise click.ClickException(f"cannot list {plan.output}: {e}") from e
+def _execute(plan: Plan, jobs, workers: int, whole_output: bool = False) -> int:
+    """Run the jobs of ``jobs`` that are not done yet; print a summary; return exit status."""
+    states = _job_states(plan, jobs, whole_output)
+    done = {job_id: s.manifest for job_id, s in states.items() if s.kind == "done"}
     pending = [j for j in jobs if j.job_id not in done]
     click.echo(f"{len(jobs) - len(pending)} of {len(jobs)} jobs already done; running {len(pending)} "
                f"with {workers} worker(s) -> {plan.output}", err=True)
@@ -133,7 +147,7 @@ def _execute(plan: Plan, jobs, workers: int) -> int:
         else:
             bars[kind].update(n)
 
-    run_jobs(pending, plan.params, plan.output, workers, progress, on_done)
+    run_jobs(pending, plan.params, plan.output, plan.sha256(), workers, progress, on_done)
     for bar in bars.values():
         bar.close()
     wall = time.time() - started
@@ -176,7 +190,7 @@ def build(workers, **options) -> None:
     any interruption and only the unfinished jobs are redone."""
     plan = _plan_from_options(**options)
     _store_plan(plan)
-    sys.exit(_execute(plan, plan.jobs, workers))
+    sys.exit(_execute(plan, plan.jobs, workers, whole_output=True))
 
 
 @main.command("plan")
@@ -208,18 +222,27 @@ def run(plan_source, workers, task, num_tasks, job_ids) -> None:
 def status(plan_source, as_json) -> None:
     """What is done, what is left, and what failed."""
     plan = _load_plan(plan_source)
-    done = shards.list_manifests(plan.output)
-    finished = [done[j.job_id] for j in plan.jobs if j.job_id in done]
-    left = [j.job_id for j in plan.jobs if j.job_id not in done]
+    try:
+        states = check_jobs(plan.output, plan.sha256(), [j.job_id for j in plan.jobs])
+        others = other_manifests(plan.output, {j.job_id for j in plan.jobs})
+    except OSError as e:
+        raise click.ClickException(f"cannot read {plan.output}: {e}") from e
+    finished = [s.manifest for s in states.values() if s.kind == "done"]
+    left = [job_id for job_id, s in states.items() if s.kind != "done"]
+    foreign = [s for s in states.values() if s.kind == "foreign"]
     summary = summarize(finished)
     if as_json:
         click.echo(json.dumps({"jobs": len(plan.jobs), "done": len(finished), "left": left,
-                               "samples": summary["samples"], "failed": summary["failed"]}, indent=1))
+                               "samples": summary["samples"], "failed": summary["failed"],
+                               "foreign": {s.job_id: s.why for s in foreign},
+                               "other_manifests": others}, indent=1))
     else:
         click.echo(f"{len(finished)}/{len(plan.jobs)} jobs done, {len(left)} left"
                    + (f" (first: {', '.join(left[:5])})" if left else ""))
+        if foreign or others:
+            click.echo(foreign_message(plan.output, foreign, others).replace(", so nothing was run", ""))
         click.echo(format_summary(summary))
-    sys.exit(1 if summary["failed"] else 0)
+    sys.exit(1 if summary["failed"] or foreign or others else 0)
 
 
 @main.command()

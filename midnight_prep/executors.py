@@ -24,11 +24,11 @@ def _report(kind: str, n: int) -> None:
     _progress_queue.put((kind, n))
 
 
-def _run_in_worker(job: JobSpec, params: BuildParams, output: str) -> dict:
-    return run_job(job, params, output, progress=_report)
+def _run_in_worker(job: JobSpec, params: BuildParams, output: str, plan_sha256: str) -> dict:
+    return run_job(job, params, output, plan_sha256, progress=_report)
 
 
-def run_jobs(jobs: list[JobSpec], params: BuildParams, output: str, workers: int = 1,
+def run_jobs(jobs: list[JobSpec], params: BuildParams, output: str, plan_sha256: str, workers: int = 1,
              progress: Callable[[str, int], None] | None = None,
              on_done: Callable[[str, dict | None, BaseException | None], None] | None = None,
              ) -> dict[str, dict | BaseException]:
@@ -46,7 +46,7 @@ def run_jobs(jobs: list[JobSpec], params: BuildParams, output: str, workers: int
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             try:
-                finish(job.job_id, run_job(job, params, output, progress=progress))
+                finish(job.job_id, run_job(job, params, output, plan_sha256, progress=progress))
             except Exception as e:
                 finish(job.job_id, e)
         return results
@@ -55,7 +55,7 @@ def run_jobs(jobs: list[JobSpec], params: BuildParams, output: str, workers: int
     q = ctx.Manager().Queue()
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
                              initargs=(q,)) as pool:
-        pending = {pool.submit(_run_in_worker, job, params, output): job for job in jobs}
+        pending = {pool.submit(_run_in_worker, job, params, output, plan_sha256): job for job in jobs}
         while pending:
             done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             _drain(q, progress)

@@ -162,9 +162,10 @@ def process_slide(spec: SlideSpec, params: BuildParams, emit, progress: Progress
     return report
 
 
-def run_job(job: JobSpec, params: BuildParams, output: str, progress: Progress | None = None,
-            scratch: str | None = None) -> dict:
-    """Run one job from scratch and return its manifest (also written to the output, last)."""
+def run_job(job: JobSpec, params: BuildParams, output: str, plan_sha256: str,
+            progress: Progress | None = None, scratch: str | None = None) -> dict:
+    """Run one job from scratch and return its manifest (also written to the output, last). The
+    manifest records ``plan_sha256`` (the plan's identity, `Plan.sha256`)."""
     started, cpu_started = time.time(), time.process_time()
     tmp = tempfile.mkdtemp(prefix=f"midnight-{job.job_id}-", dir=scratch)
     try:
@@ -204,6 +205,7 @@ def run_job(job: JobSpec, params: BuildParams, output: str, progress: Progress |
 
         manifest = {
             "job_id": job.job_id,
+            "plan_sha256": plan_sha256,
             "shards": written,
             "samples": len(records),
             "slides": [report.__dict__ for report in reports],

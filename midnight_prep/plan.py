@@ -5,6 +5,7 @@ run any subset of its jobs on any machine."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -117,6 +118,14 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)
+
+    def sha256(self) -> str:
+        """Identity of what the plan builds (version, params, jobs with their slides and quotas),
+        not of where: the same plan given as ./out or /abs/out, or moved, keeps its hash. Every
+        manifest records it, so results of another plan are never taken as done."""
+        content = {"version": self.version, "params": asdict(self.params),
+                   "jobs": [asdict(job) for job in self.jobs]}
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, d: dict) -> Plan:

@@ -1,0 +1,93 @@
+"""Which jobs of a plan are done, read from the output (local path or fsspec URL).
+
+A job is done when its manifest (written last, the commit marker) belongs to this plan: the
+manifest records the plan's hash (`Plan.sha256`), and its `slides` list the job's slides. A
+manifest of another plan (other slides or options, or written before plans were recorded) is
+"foreign": never taken as done, never mixed into this plan's output.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+
+import fsspec
+
+from .shards import MANIFEST_DIR, join, manifest_name
+
+
+@dataclass
+class JobState:
+    job_id: str
+    kind: str  # done | left | foreign
+    manifest: dict | None = None
+    why: str = ""  # for foreign: what does not match
+
+    @property
+    def failed_slides(self) -> list[dict]:
+        if self.manifest is None:
+            return []
+        return [s for s in self.manifest["slides"] if s.get("status") == "failed"]
+
+
+def _slide_ids(manifest: dict) -> str:
+    ids = [str(s.get("slide_id")) for s in manifest.get("slides", [])]
+    return ", ".join(ids[:4]) + (f" and {len(ids) - 4} more" if len(ids) > 4 else "")
+
+
+def _judge(job_id: str, manifest: dict, plan_sha256: str) -> JobState:
+    theirs = manifest.get("plan_sha256")
+    if theirs is None:
+        why = "was written by an older midnight-prep that did not record its plan"
+    elif theirs != plan_sha256:
+        why = f"belongs to another plan ({theirs[:12]}, slides {_slide_ids(manifest)})"
+    elif manifest.get("job_id") != job_id:
+        why = f"names job {manifest.get('job_id')!r}"
+    else:
+        return JobState(job_id, "done", manifest)
+    return JobState(job_id, "foreign", manifest, why)
+
+
+def check_jobs(output: str, plan_sha256: str, job_ids: list[str]) -> dict[str, JobState]:
+    """job_id -> JobState for ``job_ids``, reading only their manifests (a SLURM task reads its
+    own jobs, not the whole output). Storage errors other than a missing manifest propagate."""
+    fs, base = fsspec.core.url_to_fs(output)
+    fs.invalidate_cache()
+    paths = {job_id: posixpath.join(base, manifest_name(job_id)) for job_id in job_ids}
+    blobs = fs.cat(list(paths.values()), on_error="return") if paths else {}
+    states = {}
+    for job_id, path in paths.items():
+        blob = blobs.get(path, FileNotFoundError(path))
+        if isinstance(blob, FileNotFoundError):
+            states[job_id] = JobState(job_id, "left")
+        elif isinstance(blob, BaseException):
+            raise blob
+        else:
+            states[job_id] = _judge(job_id, json.loads(blob), plan_sha256)
+    return states
+
+
+def other_manifests(output: str, job_ids: set[str]) -> list[str]:
+    """Manifest files under ``output`` that name no job of the plan (left by another plan): a
+    trainer reading the output would take their shards too."""
+    fs, base = fsspec.core.url_to_fs(join(output, MANIFEST_DIR))
+    fs.invalidate_cache()
+    if not fs.exists(base):
+        return []
+    names = [posixpath.basename(p) for p in fs.ls(base, detail=False)]
+    return sorted(f"{MANIFEST_DIR}/{n}" for n in names
+                  if n.endswith(".json") and n[:-len(".json")] not in job_ids)
+
+
+def foreign_message(output: str, states: list[JobState], others: list[str]) -> str:
+    """The refusal: which manifests do not belong to the plan, and what to do."""
+    lines = [f"{output} holds results that do not belong to this plan, so nothing was run:"]
+    lines += [f"  {manifest_name(s.job_id)} {s.why}" for s in states[:5]]
+    if len(states) > 5:
+        lines.append(f"  ... and {len(states) - 5} more")
+    if others:
+        lines.append(f"  {len(others)} manifests name jobs this plan does not have (first: {others[0]})")
+    lines.append(f"Use a new --output, or delete {join(output, 'manifests')} and "
+                 f"{join(output, 'shards')} to start that output afresh.")
+    return "\n".join(lines)
