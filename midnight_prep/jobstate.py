@@ -59,7 +59,7 @@ def check_jobs(output: str, plan_sha256: str, job_ids: list[str]) -> dict[str, J
     states = {}
     for job_id, path in paths.items():
         blob = blobs.get(path, FileNotFoundError(path))
-        if isinstance(blob, FileNotFoundError):
+        if isinstance(blob, (FileNotFoundError, NotADirectoryError)):  # no manifest there
             states[job_id] = JobState(job_id, "left")
         elif isinstance(blob, BaseException):
             raise blob
