@@ -79,11 +79,12 @@ def _store_plan(plan: Plan) -> str:
     return url
 
 
-def _job_states(plan: Plan, jobs, whole_output: bool = False) -> dict[str, JobState]:
+def _job_states(plan: Plan, jobs, whole_output: bool = False, verify: bool = False,
+                ) -> dict[str, JobState]:
     """The state of ``jobs``; refuses (exit 2) when the output holds results of another plan
     (with ``whole_output``, also manifests of jobs this plan does not have)."""
     try:
-        states = check_jobs(plan.output, plan.sha256(), [j.job_id for j in jobs])
+        states = check_jobs(plan.output, plan.sha256(), [j.job_id for j in jobs], verify)
         others = other_manifests(plan.output, {j.job_id for j in plan.jobs}) if whole_output else []
     except OSError as e:
         raise click.ClickException(f"cannot read {plan.output}: {e}") from e
@@ -116,11 +117,15 @@ def _select(plan: Plan, task: int, num_tasks: int, job_ids: str | None):
     return [j for i, j in enumerate(jobs) if i % num_tasks == task]
 
 
-def _execute(plan: Plan, jobs, workers: int, whole_output: bool = False) -> int:
-    """Run the jobs of ``jobs`` that are not done yet; print a summary; return exit status."""
-    states = _job_states(plan, jobs, whole_output)
+def _execute(plan: Plan, jobs, workers: int, verify: bool, whole_output: bool = False) -> int:
+    """Run the jobs of ``jobs`` that are not done yet (damaged ones included); print a summary;
+    return exit status."""
+    states = _job_states(plan, jobs, whole_output, verify)
     done = {job_id: s.manifest for job_id, s in states.items() if s.kind == "done"}
     pending = [j for j in jobs if j.job_id not in done]
+    for s in states.values():
+        if s.kind == "damaged":
+            click.echo(f"{s.job_id} is damaged: {s.why}; redoing it", err=True)
     click.echo(f"{len(jobs) - len(pending)} of {len(jobs)} jobs already done; running {len(pending)} "
                f"with {workers} worker(s) -> {plan.output}", err=True)
     total_tiles = sum(sum(s.quotas.values()) for j in pending for s in j.slides)
@@ -180,17 +185,23 @@ def main() -> None:
     """
 
 
+VERIFY = click.option("--verify", is_flag=True,
+                      help="Also read every finished shard and compare its sha256 with the manifest "
+                           "(sizes are always checked).")
+
+
 @main.command()
 @plan_options
 @click.option("--workers", "-j", default=1, show_default=True, type=click.IntRange(min=1),
               help="Local worker processes.")
-def build(workers, **options) -> None:
+@VERIFY
+def build(workers, verify, **options) -> None:
     """Plan and run: sample tiles from INPUTS (slide files, directories, or CSV slide lists with
     columns path[,slide_id,mpp,group]) into shards under --output. Resumable: run it again after
     any interruption and only the unfinished jobs are redone."""
     plan = _plan_from_options(**options)
     _store_plan(plan)
-    sys.exit(_execute(plan, plan.jobs, workers, whole_output=True))
+    sys.exit(_execute(plan, plan.jobs, workers, verify, whole_output=True))
 
 
 @main.command("plan")
@@ -210,39 +221,46 @@ def plan_cmd(**options) -> None:
 @click.option("--task", default=0, show_default=True, type=click.IntRange(min=0), help="This task's index (e.g. $SLURM_ARRAY_TASK_ID).")
 @click.option("--num-tasks", default=1, show_default=True, type=click.IntRange(min=1), help="Number of tasks sharing the plan; task I runs jobs I, I+N, ...")
 @click.option("--jobs", "job_ids", help="Only these job ids (comma-separated).")
-def run(plan_source, workers, task, num_tasks, job_ids) -> None:
+@VERIFY
+def run(plan_source, workers, task, num_tasks, job_ids, verify) -> None:
     """Run the unfinished jobs of a plan (PLAN_SOURCE: plan.json or the output it lives in)."""
     plan = _load_plan(plan_source)
-    sys.exit(_execute(plan, _select(plan, task, num_tasks, job_ids), workers))
+    sys.exit(_execute(plan, _select(plan, task, num_tasks, job_ids), workers, verify))
 
 
 @main.command()
 @click.argument("plan_source")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(plan_source, as_json) -> None:
+@VERIFY
+def status(plan_source, as_json, verify) -> None:
     """What is done, what is left, and what failed."""
     plan = _load_plan(plan_source)
     try:
-        states = check_jobs(plan.output, plan.sha256(), [j.job_id for j in plan.jobs])
+        states = check_jobs(plan.output, plan.sha256(), [j.job_id for j in plan.jobs], verify)
         others = other_manifests(plan.output, {j.job_id for j in plan.jobs})
     except OSError as e:
         raise click.ClickException(f"cannot read {plan.output}: {e}") from e
     finished = [s.manifest for s in states.values() if s.kind == "done"]
     left = [job_id for job_id, s in states.items() if s.kind != "done"]
     foreign = [s for s in states.values() if s.kind == "foreign"]
+    damaged = [s for s in states.values() if s.kind == "damaged"]
     summary = summarize(finished)
     if as_json:
         click.echo(json.dumps({"jobs": len(plan.jobs), "done": len(finished), "left": left,
                                "samples": summary["samples"], "failed": summary["failed"],
+                               "damaged": {s.job_id: s.why for s in damaged},
                                "foreign": {s.job_id: s.why for s in foreign},
                                "other_manifests": others}, indent=1))
     else:
         click.echo(f"{len(finished)}/{len(plan.jobs)} jobs done, {len(left)} left"
                    + (f" (first: {', '.join(left[:5])})" if left else ""))
+        if damaged:
+            click.echo(f"  damaged ({len(damaged)}; `midnight-prep run {plan_source}` redoes them):")
+            click.echo("\n".join(f"    {s.job_id}: {s.why}" for s in damaged[:20]))
         if foreign or others:
             click.echo(foreign_message(plan.output, foreign, others).replace(", so nothing was run", ""))
         click.echo(format_summary(summary))
-    sys.exit(1 if summary["failed"] or foreign or others else 0)
+    sys.exit(1 if summary["failed"] or damaged or foreign or others else 0)
 
 
 @main.command()

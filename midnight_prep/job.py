@@ -167,6 +167,8 @@ def run_job(job: JobSpec, params: BuildParams, output: str, plan_sha256: str,
     """Run one job from scratch and return its manifest (also written to the output, last). The
     manifest records ``plan_sha256`` (the plan's identity, `Plan.sha256`)."""
     started, cpu_started = time.time(), time.process_time()
+    # A job being redone (damaged shards, say) reads as not done until its new manifest is in.
+    shards.remove(shards.join(output, shards.manifest_name(job.job_id)))
     tmp = tempfile.mkdtemp(prefix=f"midnight-{job.job_id}-", dir=scratch)
     try:
         # Tiles spill to a local file (not memory) until the whole job is shuffled.

@@ -113,18 +113,13 @@ def exists(url: str) -> bool:
     return fs.exists(path)
 
 
-def list_manifests(output: str) -> dict[str, dict]:
-    """job_id -> manifest for every finished job under ``output``."""
-    fs, path = fsspec.core.url_to_fs(join(output, MANIFEST_DIR))
-    if not fs.exists(path):
-        return {}
-    found = {}
-    for name in sorted(fs.ls(path, detail=False)):
-        if name.endswith(".json"):
-            with fs.open(name, "rb") as f:
-                manifest = json.loads(f.read())
-            found[manifest["job_id"]] = manifest
-    return found
+def remove(url: str) -> None:
+    """Delete ``url``; nothing to do when it does not exist."""
+    fs, path = fsspec.core.url_to_fs(url)
+    try:
+        fs.rm_file(path)
+    except FileNotFoundError:
+        pass
 
 
 def sha256_file(path: str) -> str:
