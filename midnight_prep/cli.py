@@ -95,13 +95,20 @@ def _job_states(plan: Plan, jobs, whole_output: bool = False, verify: bool = Fal
 
 
 def _load_plan(source: str) -> Plan:
+    """The plan at ``source`` (plan.json or its folder), working on the folder it was read from."""
     url = source if source.endswith(".json") else shards.join(source, shards.PLAN_NAME)
     try:
-        return Plan.from_dict(shards.read_json(url))
+        plan = Plan.from_dict(shards.read_json(url))
     except FileNotFoundError as e:
         raise click.UsageError(f"no plan at {url}; create one with `midnight-prep plan`") from e
     except (OSError, ValueError, KeyError, TypeError, PlanError) as e:
         raise click.ClickException(f"cannot read the plan {url}: {e}") from e
+    here = shards.folder_of(url)
+    if shards.canonical(plan.output) != here:
+        click.echo(f"note: {url} was made for the output {plan.output}; it is now in {here}, so "
+                   f"{here} is used (the plan's own folder)", err=True)
+        plan.output = here
+    return plan
 
 
 def _select(plan: Plan, task: int, num_tasks: int, job_ids: str | None):

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .shards import JPEG_QUALITY, safe_slide_id
+from .shards import JPEG_QUALITY, canonical, safe_slide_id
 from .slides import PLAUSIBLE_MPP
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
@@ -111,6 +111,9 @@ class JobSpec:
 
 @dataclass
 class Plan:
+    # The output the plan was made for (absolute, or a URL). A plan read back from OUT/plan.json
+    # works on the folder it was read from instead, so a moved output or another working
+    # directory never sends results elsewhere; the hash leaves it out.
     output: str
     params: BuildParams
     jobs: list[JobSpec]
@@ -234,4 +237,4 @@ def make_plan(
         s.quotas = {mpp_key(m): q for m, q in zip(params.mpps, split_evenly(n, len(params.mpps)))}
     jobs = [JobSpec(f"job-{i // slides_per_job:06d}", slides[i:i + slides_per_job])
             for i in range(0, len(slides), slides_per_job)]
-    return Plan(output.rstrip("/"), params, jobs)
+    return Plan(canonical(output), params, jobs)

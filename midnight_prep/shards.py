@@ -54,6 +54,19 @@ def local_path(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
 
+def canonical(url: str) -> str:
+    """One spelling per place: an absolute local path (``./out``, ``out/``, ``file:///x/out``
+    alike), or the URL without a trailing slash."""
+    if is_local(url):
+        return os.path.abspath(local_path(url))
+    return url.rstrip("/")
+
+
+def folder_of(url: str) -> str:
+    """The folder holding the file ``url``, canonical."""
+    return canonical(url).rsplit("/", 1)[0] or "/"
+
+
 def _member(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o444
