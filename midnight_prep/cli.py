@@ -9,7 +9,7 @@ import time
 import click
 from tqdm import tqdm
 
-from . import shards
+from . import locks, shards
 from .executors import run_jobs
 from .jobstate import JobState, check_jobs, foreign_message, other_manifests
 from .plan import BuildParams, Plan, PlanError, make_plan
@@ -63,19 +63,24 @@ def _plan_from_options(inputs, output, mpps, tile_size, tiles_per_slide, total_t
 
 
 def _store_plan(plan: Plan) -> str:
-    """Write plan.json next to the shards; refuse to mix two different plans in one output."""
+    """Write plan.json next to the shards (an exclusive create: of two builders starting at once
+    one writes it, the other compares); refuse to mix two different plans in one output."""
     url = shards.join(plan.output, shards.PLAN_NAME)
     try:
-        if shards.exists(url):
-            if Plan.from_dict(shards.read_json(url)).sha256() != plan.sha256():
-                raise click.UsageError(
-                    f"{url} holds a different plan (other slides or options). Use a new --output, or "
-                    f"continue that plan with: midnight-prep run {url}")
-            return url
-        _job_states(plan, plan.jobs, whole_output=True)  # no plan.json, but maybe another plan's results
-        shards.publish_bytes(plan.to_json().encode(), url)
+        if not shards.exists(url):
+            _job_states(plan, plan.jobs, whole_output=True)  # no plan.json, but maybe another plan's results
+            try:
+                shards.create_new(plan.to_json().encode(), url)
+            except FileExistsError:
+                pass  # another builder was first: compare with its plan
+        if Plan.from_dict(shards.read_json(url)).sha256() != plan.sha256():
+            raise click.UsageError(
+                f"{url} holds a different plan (other slides or options). Use a new --output, or "
+                f"continue that plan with: midnight-prep run {url}")
     except OSError as e:
         raise click.ClickException(f"cannot write to {plan.output}: {e}. Check the path or the object store.") from e
+    except (ValueError, KeyError, TypeError, PlanError) as e:
+        raise click.ClickException(f"cannot read the plan {url}: {e}") from e
     return url
 
 
@@ -124,34 +129,32 @@ def _select(plan: Plan, task: int, num_tasks: int, job_ids: str | None):
     return [j for i, j in enumerate(jobs) if i % num_tasks == task]
 
 
+# How often a builder looks again at jobs that another builder is working on.
+WAIT_S = 2.0
+
+
 def _execute(plan: Plan, jobs, workers: int, verify: bool, whole_output: bool = False) -> int:
-    """Run the jobs of ``jobs`` that are not done yet (damaged ones included); print a summary;
-    return exit status."""
+    """Run the jobs of ``jobs`` that are not done yet (damaged ones included); jobs another
+    builder is working on are left to it and waited for at the end. Print a summary; return the
+    exit status."""
     states = _job_states(plan, jobs, whole_output, verify)
     done = {job_id: s.manifest for job_id, s in states.items() if s.kind == "done"}
     pending = [j for j in jobs if j.job_id not in done]
+    redo = {s.job_id for s in states.values() if s.kind == "damaged"}
     for s in states.values():
         if s.kind == "damaged":
             click.echo(f"{s.job_id} is damaged: {s.why}; redoing it", err=True)
     click.echo(f"{len(jobs) - len(pending)} of {len(jobs)} jobs already done; running {len(pending)} "
                f"with {workers} worker(s) -> {plan.output}", err=True)
-    total_tiles = sum(sum(s.quotas.values()) for j in pending for s in j.slides)
+    quota = {j.job_id: sum(sum(s.quotas.values()) for s in j.slides) for j in pending}
     bars = {
         "slides": tqdm(total=sum(len(j.slides) for j in pending), desc="slides", unit="slide",
                        position=0, disable=None, leave=True),
-        "tiles": tqdm(total=total_tiles, desc="tiles ", unit="tile", position=1, disable=None,
+        "tiles": tqdm(total=sum(quota.values()), desc="tiles ", unit="tile", position=1, disable=None,
                       leave=True, smoothing=0.05),
     }
-    failed_jobs = []
+    failed_jobs, ran = [], []
 
-    def on_done(job_id, manifest, error):
-        if error is not None:
-            failed_jobs.append((job_id, error))
-            tqdm.write(f"job {job_id} failed: {error}", file=sys.stderr)
-        else:
-            done[job_id] = manifest
-
-    started = time.time()
     def progress(kind: str, n: int) -> None:
         if kind == "unfilled":  # shortfalls and skipped magnifications: the bar can still end full
             bars["tiles"].total -= n
@@ -159,11 +162,38 @@ def _execute(plan: Plan, jobs, workers: int, verify: bool, whole_output: bool = 
         else:
             bars[kind].update(n)
 
-    run_jobs(pending, plan.params, plan.output, plan.sha256(), workers, progress, on_done)
+    def on_done(outcome) -> None:
+        if outcome.error is not None:
+            failed_jobs.append((outcome.job_id, outcome.error))
+            tqdm.write(f"job {outcome.job_id} failed: {outcome.error}", file=sys.stderr)
+        elif outcome.manifest is not None:
+            done[outcome.job_id] = outcome.manifest
+            if outcome.ran:
+                ran.append(outcome.manifest)
+            else:
+                tqdm.write(f"{outcome.job_id} was finished by another builder", file=sys.stderr)
+                progress("slides", len(outcome.manifest["slides"]))
+                progress("unfilled", quota[outcome.job_id])
+
+    started = time.time()
+    by_id = {j.job_id: j for j in pending}
+    todo, told = pending, set()
+    while todo:
+        outcomes = run_jobs(todo, plan.params, plan.output, plan.sha256(), workers, progress,
+                            on_done, redo)
+        busy = [by_id[i] for i, o in outcomes.items() if o.holder is not None]
+        for job in busy:
+            if job.job_id not in told:
+                told.add(job.job_id)
+                tqdm.write(f"{job.job_id} is being built by {locks.describe(outcomes[job.job_id].holder)}; "
+                           "waiting for it", file=sys.stderr)
+        todo = []
+        while busy and not todo:  # until a busy job's lock is free (released, or its owner died)
+            time.sleep(WAIT_S)
+            todo = [j for j in busy if locks.live_holder(locks.lock_url(plan.output, j.job_id)) is None]
     for bar in bars.values():
         bar.close()
     wall = time.time() - started
-    ran = [done[j.job_id] for j in pending if j.job_id in done]
     summary = summarize(ran)
     click.echo(format_summary(summary, wall_seconds=wall if ran else None))
     for job_id, error in failed_jobs:
@@ -245,6 +275,7 @@ def status(plan_source, as_json, verify) -> None:
     try:
         states = check_jobs(plan.output, plan.sha256(), [j.job_id for j in plan.jobs], verify)
         others = other_manifests(plan.output, {j.job_id for j in plan.jobs})
+        held = locks.all_locks(plan.output)
     except OSError as e:
         raise click.ClickException(f"cannot read {plan.output}: {e}") from e
     finished = [s.manifest for s in states.values() if s.kind == "done"]
@@ -257,10 +288,16 @@ def status(plan_source, as_json, verify) -> None:
                                "samples": summary["samples"], "failed": summary["failed"],
                                "damaged": {s.job_id: s.why for s in damaged},
                                "foreign": {s.job_id: s.why for s in foreign},
-                               "other_manifests": others}, indent=1))
+                               "other_manifests": others,
+                               "locks": {job_id: {**holder, "stale": stale}
+                                         for job_id, (holder, stale) in held.items()}}, indent=1))
     else:
         click.echo(f"{len(finished)}/{len(plan.jobs)} jobs done, {len(left)} left"
                    + (f" (first: {', '.join(left[:5])})" if left else ""))
+        for job_id, (holder, stale) in held.items():
+            click.echo(f"  {job_id}: " + (f"stale lock of {locks.describe(holder)} (its builder is gone; the "
+                                          "next run takes it over)" if stale else
+                                          f"being built by {locks.describe(holder)}"))
         if damaged:
             click.echo(f"  damaged ({len(damaged)}; `midnight-prep run {plan_source}` redoes them):")
             click.echo("\n".join(f"    {s.job_id}: {s.why}" for s in damaged[:20]))

@@ -1,6 +1,7 @@
 """Run a plan's jobs: in this process, or in a local process pool. Other engines (SLURM arrays,
 Ray) run `midnight-prep run PLAN --task I --num-tasks N`, each task a disjoint slice of the jobs;
-a job's manifest is its commit marker, so any engine may retry any job."""
+a job's manifest is its commit marker, so any engine may retry any job. Each job runs under its
+lock (`locks`): a builder that finds a job locked by another live one leaves it to that one."""
 
 from __future__ import annotations
 
@@ -8,11 +9,44 @@ import multiprocessing as mp
 import queue
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 
+from . import locks, shards
 from .job import run_job
+from .jobstate import check_jobs
 from .plan import BuildParams, JobSpec
 
 _progress_queue = None
+
+
+@dataclass
+class Outcome:
+    job_id: str
+    manifest: dict | None = None  # the job is done: by this call (ran) or by another builder
+    ran: bool = False
+    holder: dict | None = None  # another live builder holds the job's lock
+    error: BaseException | None = None
+
+
+def build_job(job: JobSpec, params: BuildParams, output: str, plan_sha256: str, redo: bool = False,
+              progress: Callable[[str, int], None] | None = None) -> Outcome:
+    """Run ``job`` holding its lock. Without ``redo``, a job that another builder finished
+    meanwhile is not run again; with it (a damaged job), it is."""
+    lock = locks.acquire(locks.lock_url(output, job.job_id), job.job_id)
+    if not isinstance(lock, locks.Lock):
+        return Outcome(job.job_id, holder=lock)
+    try:
+        if not redo:
+            state = check_jobs(output, plan_sha256, [job.job_id])[job.job_id]
+            if state.kind == "done":
+                return Outcome(job.job_id, state.manifest)
+            if state.kind == "foreign":
+                raise RuntimeError(f"{shards.manifest_name(job.job_id)} {state.why} (written while "
+                                   "this build ran); check who else writes to this output")
+        shards.remove_partials(output, job.job_id)
+        return Outcome(job.job_id, run_job(job, params, output, plan_sha256, progress), ran=True)
+    finally:
+        lock.release()
 
 
 def _init_worker(q) -> None:
@@ -24,44 +58,47 @@ def _report(kind: str, n: int) -> None:
     _progress_queue.put((kind, n))
 
 
-def _run_in_worker(job: JobSpec, params: BuildParams, output: str, plan_sha256: str) -> dict:
-    return run_job(job, params, output, plan_sha256, progress=_report)
+def _build_in_worker(job: JobSpec, params: BuildParams, output: str, plan_sha256: str,
+                     redo: bool) -> Outcome:
+    return build_job(job, params, output, plan_sha256, redo, progress=_report)
 
 
 def run_jobs(jobs: list[JobSpec], params: BuildParams, output: str, plan_sha256: str, workers: int = 1,
              progress: Callable[[str, int], None] | None = None,
-             on_done: Callable[[str, dict | None, BaseException | None], None] | None = None,
-             ) -> dict[str, dict | BaseException]:
-    """Run ``jobs``; return job_id -> manifest, or the exception that stopped that job (an
-    unreachable object store, say). One failed job never stops the others. Jobs are independent,
-    so results do not depend on ``workers``."""
-    results: dict[str, dict | BaseException] = {}
+             on_done: Callable[[Outcome], None] | None = None,
+             redo: frozenset[str] | set[str] = frozenset(),
+             ) -> dict[str, Outcome]:
+    """Run ``jobs`` (those in ``redo`` even if they look done); return job_id -> Outcome. One
+    failed job never stops the others: its Outcome holds the exception (an unreachable object
+    store, say). Jobs are independent, so results do not depend on ``workers``."""
+    results: dict[str, Outcome] = {}
 
-    def finish(job_id: str, result) -> None:
-        results[job_id] = result
+    def finish(outcome: Outcome) -> None:
+        results[outcome.job_id] = outcome
         if on_done:
-            ok = not isinstance(result, BaseException)
-            on_done(job_id, result if ok else None, None if ok else result)
+            on_done(outcome)
 
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
             try:
-                finish(job.job_id, run_job(job, params, output, plan_sha256, progress=progress))
+                finish(build_job(job, params, output, plan_sha256, job.job_id in redo, progress))
             except Exception as e:
-                finish(job.job_id, e)
+                finish(Outcome(job.job_id, error=e))
         return results
     # spawn, not fork: OpenSlide and decoder state must be created inside each worker.
     ctx = mp.get_context("spawn")
     q = ctx.Manager().Queue()
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
                              initargs=(q,)) as pool:
-        pending = {pool.submit(_run_in_worker, job, params, output, plan_sha256): job for job in jobs}
+        pending = {pool.submit(_build_in_worker, job, params, output, plan_sha256, job.job_id in redo): job
+                   for job in jobs}
         while pending:
             done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
             _drain(q, progress)
             for fut in done:
                 job = pending.pop(fut)
-                finish(job.job_id, fut.exception() or fut.result())
+                error = fut.exception()
+                finish(Outcome(job.job_id, error=error) if error else fut.result())
         _drain(q, progress)
     return results
 

@@ -89,19 +89,29 @@ def write_tar(samples, fileobj) -> int:
     return n
 
 
+def _partial(target: Path) -> tuple[int, str]:
+    """A temporary file next to ``target``, named for it and unique to this writer, so that
+    concurrent writers never share one: `.NAME.RANDOM.partial`."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+
+
 def publish(local_file: str, url: str) -> None:
     """Move a finished local file to ``url`` so that readers never see it half-written: a rename
     within the target directory locally, a single PUT (atomic) on object storage."""
     if is_local(url):
         target = Path(local_path(url))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.partial")
-        with open(local_file, "rb") as src, open(tmp, "wb") as dst:
-            while chunk := src.read(1 << 22):
-                dst.write(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, target)
+        fd, tmp = _partial(target)
+        try:
+            with open(local_file, "rb") as src, os.fdopen(fd, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return
     fs, path = fsspec.core.url_to_fs(url)
     fs.put_file(local_file, path)
@@ -114,6 +124,38 @@ def publish_bytes(data: bytes, url: str) -> None:
         publish(tmp.name, url)
     finally:
         os.unlink(tmp.name)
+
+
+def create_new(data: bytes, url: str) -> None:
+    """Write ``data`` to ``url`` only when nothing is there yet (FileExistsError otherwise): of
+    two writers exactly one wins, and a reader sees all of it or nothing. Locally a hard link of
+    a finished temporary file (atomic, also on NFS); on object storage a conditional PUT
+    (If-None-Match: *) where the store supports it, see `locks` for the others."""
+    if not is_local(url):
+        fs, path = fsspec.core.url_to_fs(url)
+        fs.pipe_file(path, data, mode="create")
+        return
+    target = Path(local_path(url))
+    fd, tmp = _partial(target)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, target)
+    finally:
+        os.unlink(tmp)
+
+
+def remove_partials(output: str, job_id: str) -> None:
+    """Delete the temporary files a killed writer of job ``job_id`` left in a local output (call
+    it holding the job's lock: no one else writes them then). Object stores have none."""
+    if not is_local(output):
+        return
+    base = Path(local_path(output))
+    for pattern in (f"{SHARD_DIR}/.{job_id}-*.partial", f"{MANIFEST_DIR}/.{job_id}.json.*.partial"):
+        for leftover in base.glob(pattern):
+            leftover.unlink(missing_ok=True)
 
 
 def read_json(url: str):
