@@ -129,6 +129,10 @@ def fit(config_path: str, overrides: tuple[str, ...], debug: bool) -> None:
     midnight-train fit examples/tiny-cpu.yaml data.shards=out/shards output_dir=out/train
     accelerate launch -m midnight_train fit CONFIG output_dir=out/train resume=auto
 
+    SIGTERM or SIGUSR1 (what SLURM and Kubernetes send before preemption) ends the run after
+    the current optimiser step with a checkpoint and exit status 75 ("preempted, resume with
+    resume=auto"); a second signal exits at once.
+
     A new run needs an empty or new output_dir; these keys say what to do with an earlier run:
 
     \b
@@ -145,7 +149,7 @@ def fit(config_path: str, overrides: tuple[str, ...], debug: bool) -> None:
     from midnight_prep.storage import StorageError
     from midnight_train.checkpoint import CheckpointError
     from midnight_train.config import ConfigError, load_config
-    from midnight_train.trainer import RunError, Trainer
+    from midnight_train.trainer import Preempted, RunError, Trainer
 
     try:
         cfg = load_config(config_path, overrides)
@@ -155,6 +159,8 @@ def fit(config_path: str, overrides: tuple[str, ...], debug: bool) -> None:
         raise click.UsageError(str(err)) from err
     try:
         Trainer(cfg).fit()
+    except Preempted as err:  # the main process has printed why and what to do
+        raise SystemExit(err.exit_code) from None
     except (RunError, CheckpointError, StorageError, FileNotFoundError, ValueError) as err:
         if debug:
             raise

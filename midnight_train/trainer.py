@@ -11,6 +11,12 @@ continues from the newest readable checkpoint (damaged ones are skipped and name
 config changes other than ``config.RESUME_MAY_CHANGE`` (``resume_allow_changes=true`` accepts
 them).
 
+Preemption: SIGTERM or SIGUSR1 (``StopSignals``) lets the current optimiser step finish; its flag
+travels in the step's one reduction of the losses, so every process stops after the same step;
+then a checkpoint is written and ``Preempted`` ends the run (the CLI exits with status 75,
+"preempted, resume with resume=auto"). A second signal exits at once. DataLoader workers are
+started with the stop signals blocked, so a signal to a whole process group does not kill them.
+
 Scale-out notes. DDP (the default under ``accelerate launch``/``torchrun``) replicates the
 student; the teacher is a plain module on every rank, updated by the same EMA, so it stays in
 sync without communication. For ViT-g on many GPUs an FSDP path works by ``accelerate launch
@@ -23,11 +29,15 @@ first lever for memory; bf16 autocast is on by default on GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -64,6 +74,18 @@ class RunError(RuntimeError):
 
 class NonFiniteLossError(RunError):
     pass
+
+
+# EX_TEMPFAIL (sysexits.h): "try again later". `accelerate launch` and torchrun report any failed
+# process as status 1; the message says what happened in any case.
+PREEMPTED_EXIT = 75
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")  # SLURM, Kubernetes: before preemption / the time limit
+
+
+class Preempted(RunError):
+    """A stop signal ended the run after a checkpoint; ``resume=auto`` continues it exactly."""
+
+    exit_code = PREEMPTED_EXIT
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -112,6 +134,72 @@ def adamw_implementation(groups: list[dict]) -> dict[str, bool]:
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
+
+
+class StopSignals:
+    """SIGTERM / SIGUSR1 handling for one ``fit``: the first signal asks the loop to stop after
+    the current optimiser step (the processes agree on that step, then a checkpoint is written);
+    a second one exits at once, without a checkpoint (the last complete one stays intact).
+
+    The handler only sets a flag (and writes one line with ``os.write``, safe in a handler).
+    Handlers can only be installed in the main thread; elsewhere (a notebook's worker thread)
+    signals keep their previous behaviour."""
+
+    def __init__(self, announce: bool):
+        self.received: str | None = None
+        self.announce = announce
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None:
+            os.write(2, f"\nmidnight-train: second signal ({name}) after {self.received}: "
+                        f"exiting at once, without a checkpoint\n".encode())
+            os._exit(128 + signum)
+        self.received = name
+        if self.announce:
+            os.write(2, f"\nmidnight-train: {name}: stopping after this optimiser step with a "
+                        f"checkpoint (a second signal exits at once)\n".encode())
+
+    @contextlib.contextmanager
+    def blocked(self):
+        """The stop signals blocked for the calling thread (one that arrives meanwhile waits,
+        then reaches the handler). Processes started inside (DataLoader workers) inherit the
+        blocked mask and never see the stop signals: torchrun forwards SIGTERM to a worker's
+        whole process group and SLURM signals every process of a job step, and a worker killed
+        under a running step would end the run without a checkpoint. The training process
+        stops its workers itself when it exits."""
+        previous = None
+        if self.usable():
+            previous = signal.pthread_sigmask(signal.SIG_BLOCK, _stop_signums())
+        try:
+            yield
+        finally:
+            if previous is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+    def install(self) -> None:
+        self._set(self._handle)
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _set(self, handler) -> None:
+        if not self.usable():
+            return
+        for signum in _stop_signums():
+            previous = signal.signal(signum, handler)
+            self._previous.setdefault(signum, previous)
+
+    @staticmethod
+    def usable() -> bool:
+        return threading.current_thread() is threading.main_thread()
+
+
+def _stop_signums() -> set[int]:
+    return {getattr(signal, name) for name in STOP_SIGNALS}
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -183,6 +271,8 @@ class Trainer:
         self.aug_generator.manual_seed(tc.seed * 1_000_003 + 7919 * self.rank + 1)
         self.step = 0  # optimiser steps done
         self.loader: Any = None
+        self._stop: StopSignals | None = None
+        self._stop_agreed = False  # every process saw a stop signal's flag after this step
 
     # ------------------------------------------------------------------ state
 
@@ -402,7 +492,23 @@ class Trainer:
 
     def fit(self, stop_after: int | None = None) -> dict[str, float]:
         """Train to ``train.max_steps`` (or return after optimiser step ``stop_after``, which
-        simulates an interruption in tests). Returns the last logged metrics."""
+        simulates an interruption in tests). Returns the last logged metrics. A stop signal
+        (``STOP_SIGNALS``) ends it after a checkpoint with ``Preempted``."""
+        rank_state = self._start()
+        self._stop = stop = StopSignals(announce=self.is_main)
+        stop.install()
+        try:
+            with stop.blocked():  # the loader's workers start now, never to see a stop signal
+                batches = iter(self.loader)  # before restoring RNG: creating one may draw from it
+            self._seed_rngs(rank_state)
+            return self._loop(batches, stop_after)
+        finally:
+            stop.restore()
+            self.accelerator.end_training()
+
+    def _start(self) -> dict | None:
+        """Resume (or not), claim output_dir, build the loader, write the run files; returns
+        this process's rank state when the run continues exactly."""
         cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
         found = self.find_checkpoint()
         path, rank_state = None, None
@@ -412,6 +518,7 @@ class Trainer:
             self.load_checkpoint(path, state)
             del state
         self._claim_output_dir(path)
+        acc.wait_for_everyone()  # every process has looked at output_dir before anything is written
         data_state = rank_state["data"] if rank_state else None
         seed = tc.seed if rank_state or not path else tc.seed + self.step
         # The data source is checked before anything is written: a wrong data.shards leaves
@@ -424,7 +531,10 @@ class Trainer:
         acc.wait_for_everyone()
         if tc.tensorboard:
             acc.init_trackers("tensorboard")
-        batches = iter(self.loader)  # before restoring RNG: creating an iterator may draw from it
+        return rank_state
+
+    def _seed_rngs(self, rank_state: dict | None) -> None:
+        tc = self.cfg.train
         if rank_state:
             set_rng_states(rank_state["rng"])
             self.aug_generator.set_state(rank_state["augment_rng"])  # a CPU tensor on any device
@@ -434,13 +544,14 @@ class Trainer:
             random.seed(per_rank)
             np.random.seed(per_rank % 2**32)
 
+    def _loop(self, batches, stop_after: int | None) -> dict[str, float]:
+        cfg, tc, acc = self.cfg, self.cfg.train, self.accelerator
         if self.is_main:
             n_params = sum(p.numel() for p in acc.unwrap_model(self.student).parameters())
             print(f"midnight-train: {cfg.model.arch} ({n_params / 1e6:.1f} M student params), "
                   f"{self.world_size} process(es) on {acc.device}, global batch "
                   f"{self.global_batch}, peak lr {self.schedules.peak_lr:.3g}, "
                   f"steps {self.step}->{tc.max_steps}, output {self.output_dir}", flush=True)
-
         last: dict[str, float] = {}
         progress = _progress(tc.max_steps, self.step, enabled=self.is_main and tc.progress)
         try:
@@ -461,23 +572,35 @@ class Trainer:
                     if last:
                         progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
                                              cos=f"{last['teacher_cls_cos']:.3f}")
+                saved = None
                 if self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps:
-                    self.save_checkpoint()
+                    saved = self.save_checkpoint()
+                if self._stop_agreed:
+                    self._preempted(saved or self.save_checkpoint())
                 if stop_after is not None and self.step >= stop_after:
                     break
         finally:
             if progress is not None:
                 progress.close()
-            acc.end_training()
         if self.is_main and self.step == tc.max_steps:
             print(f"done: metrics {self.output_dir / METRICS_FILE}, checkpoints "
                   f"{self._checkpoint_root()}", flush=True)
         return last
 
+    def _preempted(self, path: Path) -> None:
+        """Stop after a stop signal: every process reached the same step and saved ``path``."""
+        why = self._stop.received or "a stop signal to another process"
+        message = (f"preempted, resume with resume=auto: {why} at step {self.step} of "
+                   f"{self.cfg.train.max_steps}; checkpoint {path}")
+        if self.is_main:
+            print(f"midnight-train: {message}", file=sys.stderr, flush=True)
+        raise Preempted(message)
+
     def _train_step(self, batches) -> dict[str, float]:
-        """One optimiser step. The only host-device synchronisations: the non-finite check, once
-        per optimiser step after the last backward (before the update, so a NaN never reaches the
-        weights), and the conversion of the metrics on logged steps."""
+        """One optimiser step. The only host-device synchronisations: one copy of the reduced
+        losses to the host after the last backward (the non-finite check, before the update, so
+        a NaN never reaches the weights; the stop-signal agreement rides along), and the
+        conversion of the metrics on logged steps."""
         tc, acc = self.cfg.train, self.accelerator
         values = self.schedules.at(self.step)
         apply_schedule(self.optimizer, values.lr, values.wd, values.last_layer_frozen)
@@ -486,6 +609,7 @@ class Trainer:
         names: tuple[str, ...] = ()
         n_losses = 0
         summed: torch.Tensor | None = None
+        totals = torch.zeros(0)
         grad_norm = torch.zeros((), device=acc.device)
         for _ in range(tc.grad_accum):
             batch = self.augment(to_device(next(batches), acc.device), self.aug_generator)
@@ -493,14 +617,20 @@ class Trainer:
                 losses, monitors = self.objective(self.student, self.teacher, batch,
                                                   values.teacher_temp, acc.autocast)
                 names, n_losses = tuple(losses) + tuple(monitors), len(losses)
-                local = torch.stack([v.detach().float() for v in
-                                     list(losses.values()) + list(monitors.values())])
+                # Last entry: 1 where a stop signal arrived. Reduced with the losses, so every
+                # process sees the same value and stops after the same step (no extra collective).
+                stop = torch.full((1,), float(self._stop_requested()), device=acc.device)
+                local = torch.cat([torch.stack([v.detach().float() for v in
+                                                list(losses.values()) + list(monitors.values())]),
+                                   stop])
                 reduced = acc.reduce(local, reduction="mean")  # one collective per micro-step
                 summed = reduced if summed is None else summed + reduced
                 acc.backward(losses["loss"])
                 if acc.sync_gradients:
+                    totals = (summed / tc.grad_accum).cpu()
                     # Any non-finite micro-step makes the sum non-finite (nan/inf never cancel).
-                    self._check_finite(summed[:n_losses] / tc.grad_accum, names[:n_losses])
+                    self._check_finite(totals[:n_losses], names[:n_losses])
+                    self._stop_agreed = bool(totals[-1] > 0)
                     grad_norm = acc.clip_grad_norm_(self.student.parameters(),
                                                     tc.clip_grad if tc.clip_grad > 0 else math.inf)
                 self.optimizer.step()
@@ -510,15 +640,16 @@ class Trainer:
         self.step += 1
         if self.step % tc.log_every and self.step != tc.max_steps:
             return {}
-        assert summed is not None
         metrics: dict[str, Any] = {"step": self.step}
-        metrics.update({n: float(v) for n, v in zip(names, (summed / tc.grad_accum).tolist(),
-                                                     strict=True)})
+        metrics.update({n: float(v) for n, v in zip(names, totals[:-1].tolist(), strict=True)})
         metrics.update(lr=values.lr, wd=values.wd, teacher_momentum=values.teacher_momentum,
                        teacher_temp=values.teacher_temp, grad_norm=float(grad_norm),
                        samples_per_s=self.global_batch / max(time.perf_counter() - start, 1e-9))
         metrics.update(self._skip_counters())
         return metrics
+
+    def _stop_requested(self) -> bool:
+        return self._stop is not None and self._stop.received is not None
 
     def _skip_counters(self) -> dict[str, int]:
         counters = getattr(self.loader, "counters", None)
