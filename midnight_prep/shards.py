@@ -133,7 +133,15 @@ def create_new(data: bytes, url: str) -> None:
     (If-None-Match: *) where the store supports it, see `locks` for the others."""
     if not is_local(url):
         fs, path = fsspec.core.url_to_fs(url)
-        fs.pipe_file(path, data, mode="create")
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except OSError as e:
+            # s3fs maps the refusal to FileExistsError only when the server names the condition
+            # (AWS does, SeaweedFS and others do not); ours is the only condition sent.
+            cause = getattr(e.__cause__, "response", None) or {}
+            if cause.get("Error", {}).get("Code") == "PreconditionFailed":
+                raise FileExistsError(f"{url} exists") from e
+            raise
         return
     target = Path(local_path(url))
     fd, tmp = _partial(target)
