@@ -33,7 +33,9 @@ def plan_options(f):
                      help="Target magnifications in µm/px, comma-separated."),
         click.option("--tile-size", default=256, show_default=True, help="Tile side in pixels (512 for the high-res stage)."),
         click.option("--tiles-per-slide", type=int,
-                     help="Tiles per slide, spread evenly over the magnifications [default: 1000 unless --total-tiles]."),
+                     help="Tiles per slide, spread evenly over the magnifications [default: 1000 unless "
+                          "--total-tiles]. Each (slide, µm/px) gives at most 16 x its tissue area / "
+                          "the tile area (max_coverage in plan.json); the summary lists shortfalls."),
         click.option("--total-tiles", type=int, help="Total tiles, spread evenly over slides and magnifications."),
         click.option("--shard-size", default=1000, show_default=True, help="Samples per shard."),
         click.option("--seed", default=0, show_default=True, help="Global seed; same inputs + seed give byte-identical shards."),

@@ -55,6 +55,9 @@ class BuildParams:
     # Reads allowed per (slide, magnification): budget_factor * quota + 64. Bounds the time spent
     # on slides whose tissue mostly fails the colour filter.
     read_budget_factor: float = 8.0
+    # Tiles per (slide, µm/px) are capped at max_coverage * tissue area / tile area: on average
+    # each tissue point lies in at most this many tiles of one magnification (see job.tile_cap).
+    max_coverage: float = 16.0
 
     def __post_init__(self) -> None:
         """Refuse values that would lose tiles or fail later with an unrelated message (checked
@@ -86,6 +89,8 @@ class BuildParams:
                 "jpeg_quality (plan.json) must be a whole number in [1, 100]", self.jpeg_quality)
         require(_real(self.read_budget_factor) and self.read_budget_factor > 0,
                 "read_budget_factor (plan.json) must be a number > 0", self.read_budget_factor)
+        require(_real(self.max_coverage) and self.max_coverage > 0,
+                "max_coverage (plan.json) must be a number > 0", self.max_coverage)
 
     @classmethod
     def from_dict(cls, d: dict) -> BuildParams:

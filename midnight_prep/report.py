@@ -26,7 +26,7 @@ def summarize(manifests: list[dict]) -> dict:
                 asked[mpp] += n
                 written[mpp] += got
                 if got < n and s["status"] == "ok" and mpp not in s["skipped_mpps"]:
-                    shortfalls.append((s["slide_id"], mpp, got, n))
+                    shortfalls.append((s["slide_id"], mpp, got, n, s.get("capped", {}).get(mpp)))
     return {"jobs": len(manifests), "shards": shards, "samples": samples, "written": written,
             "asked": asked, "rejected": rejected, "failed": failed, "skipped_mpps": skipped_mpps,
             "shortfalls": shortfalls, "cpu_seconds": cpu}
@@ -49,7 +49,8 @@ def format_summary(summary: dict, wall_seconds: float | None = None, limit: int 
         ("failed slides", summary["failed"], lambda r: f"{r[0]} ({r[1]}): {r[2]}"),
         ("magnifications skipped", summary["skipped_mpps"], lambda r: f"{r[0]} @ {r[1]} µm/px: {r[2]}"),
         ("shortfalls (tissue too small or too little passing the filters)", summary["shortfalls"],
-         lambda r: f"{r[0]} @ {r[1]} µm/px: {r[2]}/{r[3]}"),
+         lambda r: f"{r[0]} @ {r[1]} µm/px: {r[2]}/{r[3]}"
+                   + (f" (at most {r[4]}: max_coverage x tissue area / tile area)" if r[4] is not None else "")),
     ):
         if rows:
             lines.append(f"  {title} ({len(rows)}):")

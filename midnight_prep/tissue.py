@@ -43,6 +43,11 @@ class ForegroundMap:
         return cls(sat, float(cell))
 
     @property
+    def area(self) -> float:
+        """Tissue area in level-0 pixels²."""
+        return float(self.sat[-1, -1]) * self.cell * self.cell
+
+    @property
     def shape(self) -> tuple[int, int]:
         return self.sat.shape[0] - 1, self.sat.shape[1] - 1
 
