@@ -131,6 +131,52 @@ def adamw_implementation(groups: list[dict]) -> dict[str, bool]:
     return {"foreach": True}
 
 
+def _accelerate_config_precision() -> tuple[str | None, Path | None]:
+    """``mixed_precision`` of Accelerate's default config file (``accelerate config`` writes it;
+    ``accelerate launch`` reads it when no --config_file is given), if there is one."""
+    try:
+        from accelerate.commands.config.config_args import default_config_file
+    except ImportError:
+        return None, None
+    path = Path(default_config_file)
+    try:
+        import yaml
+
+        value = (yaml.safe_load(path.read_text()) or {}).get("mixed_precision")
+    except (OSError, ValueError, AttributeError):
+        return None, None
+    return (str(value) if value is not None else None), path
+
+
+def resolve_mixed_precision(configured: str, *, cpu: bool,
+                            environ: dict[str, str] | None = None) -> tuple[str, str]:
+    """The precision to train in (no / bf16 / fp16) and which source decided, for the run log.
+
+    An explicit ``train.mixed_precision`` wins. ``auto`` takes Accelerate's choice when one was
+    made: ``accelerate launch --mixed_precision X`` or its config file, both passed to the
+    processes as ``ACCELERATE_MIXED_PRECISION``; else bf16 on a GPU, fp32 on the CPU.
+    ``accelerate launch`` also passes ``no`` when nothing was chosen, so ``no`` counts as a
+    choice only when Accelerate's default config file says so (``--mixed_precision no`` on the
+    command line cannot be told apart from the default: use ``train.mixed_precision=no``)."""
+    env = os.environ if environ is None else environ
+    launched = env.get("ACCELERATE_MIXED_PRECISION", "").strip().lower() or None
+    if configured != "auto":
+        ignored = launched not in (None, "no", configured)
+        return configured, (f"train.mixed_precision={configured} in the config"
+                            + (f"; accelerate launch's {launched} ignored" if ignored else ""))
+    auto = "train.mixed_precision=auto: "
+    if launched in ("bf16", "fp16"):
+        return launched, auto + "accelerate launch's choice (--mixed_precision or its config)"
+    if launched == "no":
+        from_file, path = _accelerate_config_precision()
+        if from_file == "no":
+            return "no", auto + f"mixed_precision 'no' in {path}"
+    default, why = ("no", "fp32 on the CPU") if cpu else ("bf16", "bf16 on a GPU")
+    if launched not in (None, "no"):
+        why += f" (accelerate launch's {launched} is not supported here)"
+    return default, auto + why
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
@@ -215,9 +261,7 @@ class Trainer:
         self.cfg = cfg
         tc = cfg.train
         cpu = tc.cpu or not torch.cuda.is_available()
-        mp = tc.mixed_precision
-        if mp == "auto":
-            mp = "no" if cpu else "bf16"
+        mp, self.precision_source = resolve_mixed_precision(tc.mixed_precision, cpu=cpu)
         self.output_dir = Path(cfg.output_dir)
         self.accelerator = Accelerator(
             cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=tc.grad_accum,
@@ -296,6 +340,7 @@ class Trainer:
         model = None
         if self.is_main:
             model = {"world_size": self.world_size, "config": run_config(self.cfg),
+                     "precision": self.accelerator.mixed_precision,
                      "student": student_state, "teacher": self.teacher.state_dict(),
                      "objective": self.objective.state_dict(),
                      "optimizer": self.optimizer.state_dict()}
@@ -366,8 +411,11 @@ class Trainer:
         path, (state, rank_state) = found
         return path, state, rank_state
 
-    def _check_config(self, path: Path, saved: dict) -> None:
-        changes = config_changes(saved, self.cfg)
+    def _check_config(self, path: Path, state: dict) -> None:
+        changes = config_changes(state["config"], self.cfg)
+        before, now = state.get("precision"), self.accelerator.mixed_precision
+        if before is not None and before != now:  # train.mixed_precision=auto resolved otherwise
+            changes.append(f"precision: {before!r} -> {now!r} ({self.precision_source})")
         if not changes:
             return
         listed = "; ".join(changes)
@@ -514,7 +562,7 @@ class Trainer:
         path, rank_state = None, None
         if found is not None:
             path, state, rank_state = found
-            self._check_config(path, state["config"])
+            self._check_config(path, state)
             self.load_checkpoint(path, state)
             del state
         self._claim_output_dir(path)
@@ -552,6 +600,8 @@ class Trainer:
                   f"{self.world_size} process(es) on {acc.device}, global batch "
                   f"{self.global_batch}, peak lr {self.schedules.peak_lr:.3g}, "
                   f"steps {self.step}->{tc.max_steps}, output {self.output_dir}", flush=True)
+            print(f"precision: {acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}"
+                  f" ({self.precision_source})", flush=True)
         last: dict[str, float] = {}
         progress = _progress(tc.max_steps, self.step, enabled=self.is_main and tc.progress)
         try:
