@@ -135,19 +135,37 @@ def _select(plan: Plan, task: int, num_tasks: int, job_ids: str | None):
 WAIT_S = 2.0
 
 
-def _execute(plan: Plan, jobs, workers: int, verify: bool, whole_output: bool = False) -> int:
-    """Run the jobs of ``jobs`` that are not done yet (damaged ones included); jobs another
-    builder is working on are left to it and waited for at the end. Print a summary; return the
-    exit status."""
+def _execute(plan: Plan, jobs, workers: int, verify: bool, retry_failed: bool,
+             whole_output: bool = False) -> int:
+    """Run the jobs of ``jobs`` that are not done yet (damaged ones included, and with
+    ``retry_failed`` those with failed slides); print a summary; return the exit status."""
     states = _job_states(plan, jobs, whole_output, verify)
-    done = {job_id: s.manifest for job_id, s in states.items() if s.kind == "done"}
-    pending = [j for j in jobs if j.job_id not in done]
-    redo = {s.job_id for s in states.values() if s.kind == "damaged"}
+    redo = set()
     for s in states.values():
         if s.kind == "damaged":
             click.echo(f"{s.job_id} is damaged: {s.why}; redoing it", err=True)
+            redo.add(s.job_id)
+        elif s.kind == "done" and retry_failed and s.failed_slides:
+            click.echo(f"{s.job_id}: retrying its {len(s.failed_slides)} failed slide(s)", err=True)
+            redo.add(s.job_id)
+    done = {job_id: s.manifest for job_id, s in states.items() if s.kind == "done" and job_id not in redo}
+    pending = [j for j in jobs if j.job_id not in done]
     click.echo(f"{len(jobs) - len(pending)} of {len(jobs)} jobs already done; running {len(pending)} "
                f"with {workers} worker(s) -> {plan.output}", err=True)
+    started = time.time()
+    ran, failed_jobs = _run_with_progress(plan, pending, workers, redo, done)
+    summary = summarize(ran)
+    click.echo(format_summary(summary, wall_seconds=time.time() - started if ran else None))
+    for job_id, error in failed_jobs:
+        click.echo(f"  job {job_id} did not finish ({type(error).__name__}: {error}); "
+                   "run the same command again to retry it", err=True)
+    return _verdict(jobs, done, ran, bool(failed_jobs))
+
+
+def _run_with_progress(plan: Plan, pending, workers: int, redo: set[str], done: dict):
+    """Run ``pending`` with progress bars; jobs another builder is working on are left to it and
+    waited for at the end. Adds finished jobs to ``done``; returns (manifests of the jobs run
+    here, [(job_id, exception)] of those that failed)."""
     quota = {j.job_id: sum(sum(s.quotas.values()) for s in j.slides) for j in pending}
     bars = {
         "slides": tqdm(total=sum(len(j.slides) for j in pending), desc="slides", unit="slide",
@@ -177,7 +195,6 @@ def _execute(plan: Plan, jobs, workers: int, verify: bool, whole_output: bool = 
                 progress("slides", len(outcome.manifest["slides"]))
                 progress("unfilled", quota[outcome.job_id])
 
-    started = time.time()
     by_id = {j.job_id: j for j in pending}
     todo, told = pending, set()
     while todo:
@@ -195,13 +212,27 @@ def _execute(plan: Plan, jobs, workers: int, verify: bool, whole_output: bool = 
             todo = [j for j in busy if locks.live_holder(locks.lock_url(plan.output, j.job_id)) is None]
     for bar in bars.values():
         bar.close()
-    wall = time.time() - started
-    summary = summarize(ran)
-    click.echo(format_summary(summary, wall_seconds=wall if ran else None))
-    for job_id, error in failed_jobs:
-        click.echo(f"  job {job_id} did not finish ({type(error).__name__}: {error}); "
-                   "run the same command again to retry it", err=True)
-    return 1 if failed_jobs or summary["failed"] else 0
+    return ran, failed_jobs
+
+
+def _verdict(jobs, done: dict, ran: list[dict], jobs_failed: bool) -> int:
+    """Exit status of the selection: 1 while a job did not finish, any of its slides failed
+    (in this run or an earlier one), or it wrote no tile at all."""
+    finished = [done[j.job_id] for j in jobs if j.job_id in done]
+    failed = [s for m in finished for s in m["slides"] if s["status"] == "failed"]
+    ran_ids = {m["job_id"] for m in ran}
+    earlier = [s for m in finished if m["job_id"] not in ran_ids for s in m["slides"]
+               if s["status"] == "failed"]
+    if earlier:
+        click.echo(f"  {len(earlier)} slide(s) failed in an earlier run (first: {earlier[0]['slide_id']}: "
+                   f"{earlier[0]['error']}); fix them, then run again with --retry-failed to redo "
+                   "their jobs", err=True)
+    asked = sum(sum(s.quotas.values()) for j in jobs for s in j.slides)
+    empty = len(finished) == len(jobs) and asked > 0 and sum(m["samples"] for m in finished) == 0
+    if empty:
+        click.echo(f"  no tiles were written ({asked} asked): every candidate was rejected (see the "
+                   "counts above). Check the slides, --foreground and --hsv-min-fraction", err=True)
+    return 1 if jobs_failed or failed or empty else 0
 
 
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
@@ -227,6 +258,8 @@ def main() -> None:
 VERIFY = click.option("--verify", is_flag=True,
                       help="Also read every finished shard and compare its sha256 with the manifest "
                            "(sizes are always checked).")
+RETRY_FAILED = click.option("--retry-failed", is_flag=True,
+                            help="Redo finished jobs that have failed slides (after fixing them).")
 
 
 @main.command()
@@ -234,13 +267,14 @@ VERIFY = click.option("--verify", is_flag=True,
 @click.option("--workers", "-j", default=1, show_default=True, type=click.IntRange(min=1),
               help="Local worker processes.")
 @VERIFY
-def build(workers, verify, **options) -> None:
+@RETRY_FAILED
+def build(workers, verify, retry_failed, **options) -> None:
     """Plan and run: sample tiles from INPUTS (slide files, directories, or CSV slide lists with
     columns path[,slide_id,mpp,group]) into shards under --output. Resumable: run it again after
     any interruption and only the unfinished jobs are redone."""
     plan = _plan_from_options(**options)
     _store_plan(plan)
-    sys.exit(_execute(plan, plan.jobs, workers, verify, whole_output=True))
+    sys.exit(_execute(plan, plan.jobs, workers, verify, retry_failed, whole_output=True))
 
 
 @main.command("plan")
@@ -261,10 +295,11 @@ def plan_cmd(**options) -> None:
 @click.option("--num-tasks", default=1, show_default=True, type=click.IntRange(min=1), help="Number of tasks sharing the plan; task I runs jobs I, I+N, ...")
 @click.option("--jobs", "job_ids", help="Only these job ids (comma-separated).")
 @VERIFY
-def run(plan_source, workers, task, num_tasks, job_ids, verify) -> None:
+@RETRY_FAILED
+def run(plan_source, workers, task, num_tasks, job_ids, verify, retry_failed) -> None:
     """Run the unfinished jobs of a plan (PLAN_SOURCE: plan.json or the output it lives in)."""
     plan = _load_plan(plan_source)
-    sys.exit(_execute(plan, _select(plan, task, num_tasks, job_ids), workers, verify))
+    sys.exit(_execute(plan, _select(plan, task, num_tasks, job_ids), workers, verify, retry_failed))
 
 
 @main.command()
