@@ -214,24 +214,38 @@ def export(checkpoint: str, out: str, which: str, img_size: int | None, debug: b
               help="DataLoader workers decoding and resizing (each takes whole inputs: a shard, "
                    "an image file).")
 @click.option("--cls-only", is_flag=True, help="Only the CLS token (default: CLS+Mean).")
+@click.option("--mpp", "mpps", default="0.5", show_default=True,
+              help="Whole-slide inputs: tiles at these µm/px (comma-separated).")
+@click.option("--tiles-per-slide", default=100, show_default=True,
+              help="Whole-slide inputs: tiles per slide and µm/px, cut as midnight-prep cuts them.")
+@click.option("--tile-size", default=256, show_default=True, help="Whole-slide inputs: tile side in px.")
+@click.option("--seed", default=0, show_default=True, help="Whole-slide inputs: sampling seed.")
 def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | None,
-          batch_size: int, workers: int, cls_only: bool) -> None:
+          batch_size: int, workers: int, cls_only: bool, mpps: str, tiles_per_slide: int,
+          tile_size: int, seed: int) -> None:
     """CLS+Mean embeddings of INPUTS (images, directories, .tar shards; local paths or fsspec
-    URLs) with exported WEIGHTS; writes `keys`, `embeddings` and, for shard samples,
+    URLs; whole slides, tiled as midnight-prep tiles them) with exported WEIGHTS; writes `keys`, `embeddings` and, for shard samples,
     `slide_id`, `mpp`, `x`, `y` to an .npz or a .parquet table. Unreadable images and damaged shards are skipped and
     listed.
 
     \b
       midnight-train embed exports/tiny tiles/ --out embeddings.npz
       midnight-train embed exports/tiny s3://bucket/run/shards/job-000000-0000.tar
+      midnight-train embed exports/tiny slides/*.svs --mpp 1,0.5 --tiles-per-slide 50 --out s.parquet
     """
-    from midnight_train.embed import embed_inputs
+    from midnight_train.embed import SlideSampling, embed_inputs
+
+    try:
+        sampling = SlideSampling(tuple(float(m) for m in mpps.split(",")), tiles_per_slide,
+                                 tile_size, seed)
+    except ValueError as err:
+        raise click.UsageError(f"--mpp {mpps!r}: {err}") from err
 
     skipped: list[str] = []
     try:
         n, dim = embed_inputs(weights, list(inputs), out_path, img_size=img_size,
                               batch_size=batch_size, num_workers=workers, cls_only=cls_only,
-                              progress=True, skipped=skipped)
+                              progress=True, sampling=sampling, skipped=skipped)
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     if n:

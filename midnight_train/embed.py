@@ -1,15 +1,18 @@
 """Tile embeddings for downstream use: CLS token concatenated with the mean of the patch tokens
 (CLS+Mean) of the backbone's final-norm output, as in the Midnight paper.
 
-Inputs (image files, folders of images, webdataset shards; local or fsspec URLs) are decoded and
-resized in DataLoader workers, each taking whole inputs (a shard, an image file) in turn; the
-model runs batched in the main process (bf16 autocast on a GPU)."""
+Inputs (image files, folders of images, webdataset shards, whole slides; local or fsspec URLs)
+are decoded and resized in DataLoader workers, each taking whole inputs (a shard, an image file,
+a slide) in turn; the model runs batched in the main process (bf16 autocast on a GPU). Tiles of
+a slide are cut by the shard builder's own code (`midnight_prep.job.process_slide`: tissue mask,
+uniform positions, µm/px, HSV filter), so they are the tiles a shard build would hold."""
 
 from __future__ import annotations
 
 import json
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -19,10 +22,23 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from midnight_prep.plan import SLIDE_EXTENSIONS
 from midnight_prep.shards import read_shard
 from midnight_train.crops import decode_tile
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
+# Whole slides: every slide format but TIFF, which tile images use too (BACH's, say).
+SLIDE_SUFFIXES = set(SLIDE_EXTENSIONS) - IMAGE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class SlideSampling:
+    """How whole-slide inputs become tiles: `tiles` per slide at each of `mpps` (µm/px)."""
+
+    mpps: tuple[float, ...] = (0.5,)
+    tiles: int = 100
+    tile_size: int = 256
+    seed: int = 0
 
 
 @torch.no_grad()
@@ -35,26 +51,52 @@ def cls_mean_embedding(model: torch.nn.Module, images: torch.Tensor) -> torch.Te
 
 
 def expand_inputs(inputs: list[str]) -> list[str]:
-    """Local folders replaced by the images and shards below them (sorted); the rest as given."""
+    """Local folders replaced by the images, shards and slides below them (sorted); the rest as
+    given."""
+    known = IMAGE_SUFFIXES | {".tar"} | SLIDE_SUFFIXES
     out: list[str] = []
     for item in inputs:
         if "://" not in item and Path(item).is_dir():
-            out += [str(p) for p in sorted(Path(item).rglob("*"))
-                    if p.suffix.lower() in IMAGE_SUFFIXES | {".tar"}]
-        elif PurePosixPath(item).suffix.lower() in IMAGE_SUFFIXES | {".tar"}:
+            out += [str(p) for p in sorted(Path(item).rglob("*")) if p.suffix.lower() in known]
+        elif PurePosixPath(item).suffix.lower() in known:
             out.append(item)
         else:
-            raise ValueError(f"{item}: not an image, a directory or a .tar shard")
+            raise ValueError(f"{item}: not an image, a directory, a .tar shard or a slide "
+                             f"({', '.join(sorted(SLIDE_SUFFIXES))})")
     return out
 
 
-def iter_encoded(inputs: list[str], skip: Callable[[str], None]
+def slide_tiles(path: str, sampling: SlideSampling, skip: Callable[[str], None]
+                ) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    """(key, JPEG, metadata) of tiles the shard builder cuts from one local slide."""
+    from midnight_prep.job import process_slide
+    from midnight_prep.plan import BuildParams, SlideSpec, mpp_key
+    from midnight_prep.shards import safe_slide_id
+
+    tiles: list[tuple[str, bytes, dict[str, Any]]] = []
+    params = BuildParams(mpps=sampling.mpps, tile_size=sampling.tile_size, seed=sampling.seed)
+    spec = SlideSpec(path, safe_slide_id(Path(path).name.split(".")[0]),
+                     quotas={mpp_key(m): sampling.tiles for m in sampling.mpps})
+    report = process_slide(spec, params, lambda key, jpeg, meta: tiles.append((key, jpeg, meta)))
+    if report.status != "ok":
+        skip(f"{path}: {report.error}")
+    for mpp, reason in report.skipped_mpps.items():
+        skip(f"{path}: no tiles at {mpp} µm/px ({reason})")
+    yield from tiles
+
+
+def iter_encoded(inputs: list[str], skip: Callable[[str], None],
+                 sampling: SlideSampling = SlideSampling(),
                  ) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
-    """(key, encoded image, the sample's JSON or {}) from image files, directories of images and
-    webdataset .tar shards (local paths or fsspec URLs). A shard that cannot be read, or breaks
-    off, is reported to `skip` and the inputs go on."""
+    """(key, encoded image, the sample's JSON or {}) from image files, directories of images,
+    webdataset .tar shards (local paths or fsspec URLs) and local slides (tiles as `sampling`
+    says). A shard that cannot be read, or breaks off, is reported to `skip` and the inputs go
+    on; so is a slide that cannot be read."""
     for item in expand_inputs(inputs):
-        if PurePosixPath(item).suffix.lower() == ".tar":
+        suffix = PurePosixPath(item).suffix.lower()
+        if suffix in SLIDE_SUFFIXES:
+            yield from slide_tiles(item, sampling, skip)
+        elif suffix == ".tar":
             try:
                 for key, files in read_shard(item, on_duplicate=skip):
                     image = next((files[e] for e in ("jpg", "jpeg", "png") if e in files), None)
@@ -90,9 +132,9 @@ class _DecodedBatches(IterableDataset):
     """Batches of decoded, resized, normalised tiles; worker w of n takes inputs w, w + n, …"""
 
     def __init__(self, inputs: list[str], size: int, mean: torch.Tensor, std: torch.Tensor,
-                 batch_size: int) -> None:
+                 batch_size: int, sampling: SlideSampling) -> None:
         self.inputs, self.size, self.mean, self.std = inputs, size, mean, std
-        self.batch_size = batch_size
+        self.batch_size, self.sampling = batch_size, sampling
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -103,7 +145,8 @@ class _DecodedBatches(IterableDataset):
         order: list[tuple[int, int]] = []  # (input, sample within it): input order at the end
         tensors: list[torch.Tensor] = []
         for i in range(worker, len(self.inputs), n):
-            for j, (key, data, meta) in enumerate(iter_encoded([self.inputs[i]], skipped.append)):
+            for j, (key, data, meta) in enumerate(iter_encoded([self.inputs[i]], skipped.append,
+                                                                self.sampling)):
                 try:
                     tensors.append(to_tensor(decode_tile(data), self.size, self.mean, self.std))
                 except Exception as exn:
@@ -147,12 +190,14 @@ class Embedder:
         return emb.float().cpu().numpy()
 
     def __call__(self, inputs: list[str], skip: Callable[[str], None], *, progress: bool = False,
+                 sampling: SlideSampling = SlideSampling(),
                  ) -> tuple[list[str], np.ndarray, list[dict]]:
         """(keys, embeddings float32 [N, 2·dim] or [N, dim] with cls_only, sample JSON) of the
         images that decode; the others go to `skip` with their key and the reason."""
         from tqdm.auto import tqdm
 
-        data = _DecodedBatches(expand_inputs(inputs), self.size, self.mean, self.std, self.batch_size)
+        data = _DecodedBatches(expand_inputs(inputs), self.size, self.mean, self.std,
+                               self.batch_size, sampling)
         workers = min(self.num_workers, len(data.inputs), os.cpu_count() or 1)
         loader = DataLoader(data, batch_size=None, num_workers=workers,
                             pin_memory=self.device.type == "cuda")
@@ -180,6 +225,7 @@ class Embedder:
 def embed_inputs(weights: str | Path, inputs: list[str], out: str | Path, *,
                  img_size: int | None = None, batch_size: int = 64, num_workers: int = 0,
                  device: str | None = None, cls_only: bool = False, progress: bool = False,
+                 sampling: SlideSampling = SlideSampling(),
                  skipped: list[str] | None = None) -> tuple[int, int]:
     """Embed every input tile with an exported backbone and write ``out``: ``keys``,
     ``embeddings`` float32 and, for shard samples, their ``slide_id``, ``mpp``, ``x``, ``y``
@@ -191,7 +237,7 @@ def embed_inputs(weights: str | Path, inputs: list[str], out: str | Path, *,
     skipped = [] if skipped is None else skipped
     embedder = Embedder(weights, img_size=img_size, batch_size=batch_size,
                         num_workers=num_workers, device=device, cls_only=cls_only)
-    keys, emb, metas = embedder(inputs, skipped.append, progress=progress)
+    keys, emb, metas = embedder(inputs, skipped.append, progress=progress, sampling=sampling)
     columns = {"keys": np.array(keys, dtype=str),
                "slide_id": np.array([str(m.get("slide_id", "")) for m in metas], dtype=str),
                "mpp": np.array([float(m.get("mpp", "nan")) for m in metas], dtype=np.float64),

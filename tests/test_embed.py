@@ -83,3 +83,31 @@ def test_parquet_has_one_row_per_tile_with_its_sample_fields(tmp_path, cmu_slide
     assert np.allclose(np.array(table["embedding"]), npz["embeddings"])
     result = CliRunner().invoke(main, ["embed", str(tiny_export), str(shard), "--out", str(tmp_path / "e.csv")])
     assert result.exit_code == 2 and ".parquet" in result.output
+
+
+def test_whole_slides_are_tiled_as_the_shard_builder_tiles_them(tmp_path, cmu_slide, slide_dir, tiny_export):
+    """A slide given to embed yields the tiles a build of the same slide, µm/px, quota and seed
+    writes to its shards: same keys, same embeddings. Unreadable slides and magnifications the
+    slide cannot give are named."""
+    from midnight_prep.cli import main as prep
+
+    build = CliRunner().invoke(prep, ["build", str(cmu_slide), "--output", str(tmp_path / "out"),
+                                      "--mpp", "1", "--tiles-per-slide", "6", "--seed", "3"])
+    assert build.exit_code == 0, build.output
+    from_shards, from_slide = tmp_path / "shards.npz", tmp_path / "slide.npz"
+    shards = sorted((tmp_path / "out" / "shards").glob("*.tar"))
+    assert CliRunner().invoke(main, ["embed", str(tiny_export), *map(str, shards), "--out", str(from_shards),
+                                     "--workers", "0"]).exit_code == 0
+    result = CliRunner().invoke(main, ["embed", str(tiny_export), str(cmu_slide), str(slide_dir / "corrupt.svs"),
+                                       "--mpp", "1", "--tiles-per-slide", "6", "--seed", "3",
+                                       "--out", str(from_slide), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "corrupt.svs" in result.output
+    a, b = np.load(from_shards), np.load(from_slide)
+    assert len(b["keys"]) == 6 and sorted(a["keys"]) == sorted(b["keys"])
+    order = [list(a["keys"]).index(k) for k in b["keys"]]
+    assert np.allclose(a["embeddings"][order], b["embeddings"], atol=1e-5)
+    assert (b["mpp"] == 1.0).all() and (b["x"] >= 0).all()
+    too_fine = CliRunner().invoke(main, ["embed", str(tiny_export), str(cmu_slide), "--mpp", "0.25",
+                                         "--out", str(tmp_path / "none.npz"), "--workers", "0"])
+    assert too_fine.exit_code == 1 and "no tiles at 0.25 µm/px" in too_fine.output
