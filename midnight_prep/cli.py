@@ -10,7 +10,7 @@ import click
 from tqdm import tqdm
 
 from . import locks, shards
-from .executors import run_jobs
+from .executors import run_jobs, sigterm_exits
 from .jobstate import JobState, check_jobs, foreign_message, other_manifests
 from .plan import BuildParams, Plan, PlanError, make_plan
 from .report import format_summary, summarize
@@ -153,7 +153,8 @@ def _execute(plan: Plan, jobs, workers: int, verify: bool, retry_failed: bool,
     click.echo(f"{len(jobs) - len(pending)} of {len(jobs)} jobs already done; running {len(pending)} "
                f"with {workers} worker(s) -> {plan.output}", err=True)
     started = time.time()
-    ran, failed_jobs = _run_with_progress(plan, pending, workers, redo, done)
+    with sigterm_exits():
+        ran, failed_jobs = _run_with_progress(plan, pending, workers, redo, done)
     summary = summarize(ran)
     click.echo(format_summary(summary, wall_seconds=time.time() - started if ran else None))
     for job_id, error in failed_jobs:

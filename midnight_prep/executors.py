@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
+import signal
+import sys
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from . import locks, shards
-from .job import run_job
+from .job import clean_stale_scratch, run_job
 from .jobstate import check_jobs
 from .plan import BuildParams, JobSpec
 
@@ -49,9 +52,25 @@ def build_job(job: JobSpec, params: BuildParams, output: str, plan_sha256: str, 
         lock.release()
 
 
+def _exit(signum, frame) -> None:
+    sys.exit(128 + signum)
+
+
+@contextmanager
+def sigterm_exits():
+    """While inside, SIGTERM (a cluster's time limit, `kill`, preemption) raises SystemExit, so
+    that scratch directories are removed and locks released on the way out."""
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _init_worker(q) -> None:
     global _progress_queue
     _progress_queue = q
+    signal.signal(signal.SIGTERM, _exit)
 
 
 def _report(kind: str, n: int) -> None:
@@ -72,6 +91,7 @@ def run_jobs(jobs: list[JobSpec], params: BuildParams, output: str, plan_sha256:
     failed job never stops the others: its Outcome holds the exception (an unreachable object
     store, say). Jobs are independent, so results do not depend on ``workers``."""
     results: dict[str, Outcome] = {}
+    clean_stale_scratch()
 
     def finish(outcome: Outcome) -> None:
         results[outcome.job_id] = outcome
@@ -92,13 +112,19 @@ def run_jobs(jobs: list[JobSpec], params: BuildParams, output: str, plan_sha256:
                              initargs=(q,)) as pool:
         pending = {pool.submit(_build_in_worker, job, params, output, plan_sha256, job.job_id in redo): job
                    for job in jobs}
-        while pending:
-            done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
-            _drain(q, progress)
-            for fut in done:
-                job = pending.pop(fut)
-                error = fut.exception()
-                finish(Outcome(job.job_id, error=error) if error else fut.result())
+        try:
+            while pending:
+                done, _ = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+                _drain(q, progress)
+                for fut in done:
+                    job = pending.pop(fut)
+                    error = fut.exception()
+                    finish(Outcome(job.job_id, error=error) if error else fut.result())
+        except BaseException:  # SIGTERM or Ctrl-C: stop the workers, each cleaning up its job
+            pool.shutdown(wait=False, cancel_futures=True)
+            for child in mp.active_children():
+                child.terminate()
+            raise
         _drain(q, progress)
     return results
 

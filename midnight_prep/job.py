@@ -17,6 +17,7 @@ from PIL import Image
 
 from . import shards
 from .hsv import hsv_fraction
+from .locks import HOST, pid_alive
 from .plan import BuildParams, JobSpec, SlideSpec
 from .sampling import candidate_positions, slide_rng
 from .slides import Slide, SlideError, downscale, read_size_for
@@ -27,6 +28,11 @@ from .tissue import ForegroundMap, tissue_mask
 MASK_CELLS_PER_TILE = 4
 # A slide whose reads keep failing is given up after this many (a truncated file, say).
 MAX_READ_ERRORS = 20
+
+# Scratch directories (tiles of a running job) in the temporary directory ($TMPDIR): named so a
+# later run can tell them, and hold their owner in OWNER_FILE.
+SCRATCH_PREFIX = "midnight-prep-"
+OWNER_FILE = "owner.json"
 
 # Candidates are drawn, read and filtered in chunks of at most this many (see _sample_slide).
 CHUNK = 256
@@ -179,6 +185,34 @@ def process_slide(spec: SlideSpec, params: BuildParams, emit, progress: Progress
     return report
 
 
+def make_scratch(job_id: str, parent: str | None = None) -> str:
+    """A fresh scratch directory for a job, marked with this process as its owner."""
+    path = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{job_id}-", dir=parent)
+    with open(os.path.join(path, OWNER_FILE), "w") as f:
+        json.dump({"host": HOST, "pid": os.getpid()}, f)
+    return path
+
+
+def clean_stale_scratch(parent: str | None = None) -> list[str]:
+    """Remove scratch directories whose owner, a process of this host, is gone (killed before
+    it could clean up); return their paths."""
+    parent = parent or tempfile.gettempdir()
+    removed = []
+    for name in sorted(os.listdir(parent)):
+        path = os.path.join(parent, name)
+        if not name.startswith(SCRATCH_PREFIX):
+            continue
+        try:
+            with open(os.path.join(path, OWNER_FILE)) as f:
+                owner = json.load(f)
+        except (OSError, ValueError):
+            continue  # not ours, or still being made
+        if owner.get("host") == HOST and isinstance(owner.get("pid"), int) and not pid_alive(owner["pid"]):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def run_job(job: JobSpec, params: BuildParams, output: str, plan_sha256: str,
             progress: Progress | None = None, scratch: str | None = None) -> dict:
     """Run one job from scratch and return its manifest (also written to the output, last). The
@@ -186,7 +220,7 @@ def run_job(job: JobSpec, params: BuildParams, output: str, plan_sha256: str,
     started, cpu_started = time.time(), time.process_time()
     # A job being redone (damaged shards, say) reads as not done until its new manifest is in.
     shards.remove(shards.join(output, shards.manifest_name(job.job_id)))
-    tmp = tempfile.mkdtemp(prefix=f"midnight-{job.job_id}-", dir=scratch)
+    tmp = make_scratch(job.job_id, scratch)
     try:
         # Tiles spill to a local file (not memory) until the whole job is shuffled.
         spill_path = os.path.join(tmp, "tiles.bin")

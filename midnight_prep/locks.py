@@ -40,7 +40,8 @@ def lock_url(output: str, job_id: str) -> str:
     return join(output, f"{LOCK_DIR}/{job_id}.lock")
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is running."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,7 +83,7 @@ def is_stale(holder: dict, age_s: float) -> bool:
     if age_s > STALE_S:
         return True
     pid = holder.get("pid")
-    return holder.get("host") == HOST and isinstance(pid, int) and not _alive(pid)
+    return holder.get("host") == HOST and isinstance(pid, int) and not pid_alive(pid)
 
 
 def _take_over(url: str, holder: dict) -> None:

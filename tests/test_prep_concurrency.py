@@ -12,9 +12,6 @@ import time
 
 import pytest
 
-from midnight_prep import locks
-from midnight_prep.shards import create_new
-
 CLI = [sys.executable, "-m", "midnight_prep.cli"]
 FAST = ["--tiles-per-slide", "4", "--mpp", "1", "--slides-per-job", "1"]
 
@@ -41,6 +38,8 @@ def write_lock(out, job_id: str, host: str, pid: int) -> None:
 
 
 def test_exclusive_create(tmp_path):
+    from midnight_prep.shards import create_new
+
     url = str(tmp_path / "x" / "plan.json")
     create_new(b"first", url)
     with pytest.raises(FileExistsError):
@@ -106,6 +105,8 @@ def test_a_live_holder_is_waited_for(slide_dir, tmp_path):
 
 
 def test_stale_locks_and_partials_are_taken_over(slide_dir, tmp_path):
+    from midnight_prep import locks
+
     out = tmp_path / "out"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
