@@ -66,6 +66,12 @@ CONFIG_FILE = "config.yaml"
 TENSORBOARD_DIR = "tensorboard"
 RUN_FILES = (CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE, TENSORBOARD_DIR)  # what a run writes
 LOSS_TERMS = ("loss", "loss_dino", "loss_ibot", "loss_kde", "loss_koleo")
+# Wall-clock metrics: they differ between otherwise identical runs.
+TIMING_METRICS = ("samples_per_s", "step_s", "data_wait_s")
+# The loader "starves" training when waiting for batches takes more than this share of the
+# step time over a window of steps (warned with a doubling window, so rarer and rarer).
+STARVED_FRACTION = 0.10
+STARVED_WINDOW = 20
 
 
 class RunError(RuntimeError):
@@ -248,6 +254,37 @@ def _stop_signums() -> set[int]:
     return {getattr(signal, name) for name in STOP_SIGNALS}
 
 
+class LoaderWatch:
+    """Says when waiting for batches takes more than ``fraction`` of the step time, over windows
+    of ``window`` steps that double after each warning. The first step of a run is left out
+    (it waits for the loader's workers to start)."""
+
+    def __init__(self, fraction: float, window: int):
+        self.fraction, self.window = fraction, window
+        self.started = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.waited = self.took = 0.0
+        self.first: int | None = None
+        self.count = 0
+
+    def add(self, step: int, waited: float, took: float,
+            warn: Callable[[float, int, int], None]) -> None:
+        if not self.started:
+            self.started = True
+            return
+        self.waited, self.took, self.count = self.waited + waited, self.took + took, self.count + 1
+        self.first = self.first or step
+        if self.count < self.window:
+            return
+        share = self.waited / max(self.took, 1e-9)
+        if share > self.fraction:
+            warn(share, self.first, step)
+            self.window *= 2
+        self._reset()
+
+
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -317,6 +354,7 @@ class Trainer:
         self.loader: Any = None
         self._stop: StopSignals | None = None
         self._stop_agreed = False  # every process saw a stop signal's flag after this step
+        self._starved = LoaderWatch(STARVED_FRACTION, STARVED_WINDOW)
 
     # ------------------------------------------------------------------ state
 
@@ -620,8 +658,11 @@ class Trainer:
                 if progress is not None:
                     progress.update(1)
                     if last:
-                        progress.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
-                                             cos=f"{last['teacher_cls_cos']:.3f}")
+                        progress.set_postfix(
+                            loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                            cos=f"{last['teacher_cls_cos']:.3f}",
+                            img_s=f"{last['samples_per_s']:.1f}",
+                            wait=f"{last['data_wait_s'] / max(last['step_s'], 1e-9):.0%}")
                 saved = None
                 if self.step % tc.checkpoint_every == 0 or self.step == tc.max_steps:
                     saved = self.save_checkpoint()
@@ -649,8 +690,8 @@ class Trainer:
     def _train_step(self, batches) -> dict[str, float]:
         """One optimiser step. The only host-device synchronisations: one copy of the reduced
         losses to the host after the last backward (the non-finite check, before the update, so
-        a NaN never reaches the weights; the stop-signal agreement rides along), and the
-        conversion of the metrics on logged steps."""
+        a NaN never reaches the weights; the stop-signal flag and the time spent waiting for
+        batches ride along), and the conversion of the metrics on logged steps."""
         tc, acc = self.cfg.train, self.accelerator
         values = self.schedules.at(self.step)
         apply_schedule(self.optimizer, values.lr, values.wd, values.last_layer_frozen)
@@ -662,24 +703,29 @@ class Trainer:
         totals = torch.zeros(0)
         grad_norm = torch.zeros((), device=acc.device)
         for _ in range(tc.grad_accum):
-            batch = self.augment(to_device(next(batches), acc.device), self.aug_generator)
+            waiting = time.perf_counter()
+            raw = next(batches)
+            waited = time.perf_counter() - waiting
+            batch = self.augment(to_device(raw, acc.device), self.aug_generator)
             with acc.accumulate(self.student):
                 losses, monitors = self.objective(self.student, self.teacher, batch,
                                                   values.teacher_temp, acc.autocast)
                 names, n_losses = tuple(losses) + tuple(monitors), len(losses)
-                # Last entry: 1 where a stop signal arrived. Reduced with the losses, so every
-                # process sees the same value and stops after the same step (no extra collective).
-                stop = torch.full((1,), float(self._stop_requested()), device=acc.device)
+                # Reduced with the losses in the step's one collective: the seconds this process
+                # waited for the batch, and 1 where a stop signal arrived (so that every process
+                # stops after the same step).
+                extra = [torch.full((1,), waited, device=acc.device),
+                         torch.full((1,), float(self._stop_requested()), device=acc.device)]
                 local = torch.cat([torch.stack([v.detach().float() for v in
                                                 list(losses.values()) + list(monitors.values())]),
-                                   stop])
+                                   *extra])
                 reduced = acc.reduce(local, reduction="mean")  # one collective per micro-step
                 summed = reduced if summed is None else summed + reduced
                 acc.backward(losses["loss"])
                 if acc.sync_gradients:
-                    totals = (summed / tc.grad_accum).cpu()
+                    totals = summed.cpu()
                     # Any non-finite micro-step makes the sum non-finite (nan/inf never cancel).
-                    self._check_finite(totals[:n_losses], names[:n_losses])
+                    self._check_finite(totals[:n_losses] / tc.grad_accum, names[:n_losses])
                     self._stop_agreed = bool(totals[-1] > 0)
                     grad_norm = acc.clip_grad_norm_(self.student.parameters(),
                                                     tc.clip_grad if tc.clip_grad > 0 else math.inf)
@@ -688,15 +734,28 @@ class Trainer:
         ema_update(self.teacher, acc.unwrap_model(self.student), values.teacher_momentum,
                    self._ema_pairs)
         self.step += 1
+        step_s = time.perf_counter() - start
+        data_wait_s = float(totals[-2])  # summed over micro-steps, mean over processes
+        self._starved.add(self.step, data_wait_s, step_s, self._say_starved)
         if self.step % tc.log_every and self.step != tc.max_steps:
             return {}
         metrics: dict[str, Any] = {"step": self.step}
-        metrics.update({n: float(v) for n, v in zip(names, totals[:-1].tolist(), strict=True)})
+        metrics.update({n: float(v) for n, v in
+                        zip(names, (totals[:-2] / tc.grad_accum).tolist(), strict=True)})
         metrics.update(lr=values.lr, wd=values.wd, teacher_momentum=values.teacher_momentum,
                        teacher_temp=values.teacher_temp, grad_norm=float(grad_norm),
-                       samples_per_s=self.global_batch / max(time.perf_counter() - start, 1e-9))
+                       samples_per_s=self.global_batch / max(step_s, 1e-9), step_s=step_s,
+                       data_wait_s=data_wait_s)
         metrics.update(self._skip_counters())
         return metrics
+
+    def _say_starved(self, fraction: float, first: int, last: int) -> None:
+        workers = getattr(self.cfg.data, "num_workers", None)
+        now = f", now {workers}" if workers is not None else ""
+        self._say(f"the data loader is starving training: {fraction:.0%} of the time of steps "
+                  f"{first}-{last} went to waiting for batches (data_wait_s in metrics.jsonl). "
+                  f"Give it more loader workers (data.num_workers{now}) and CPU cores, or "
+                  f"faster storage", warning=True)
 
     def _stop_requested(self) -> bool:
         return self._stop is not None and self._stop.received is not None

@@ -13,6 +13,7 @@ from train_fakes import make_trainer, tiny_config
 
 from midnight_train import checkpoint
 from midnight_train.periodic_eval import EvalConfig
+from midnight_train.trainer import TIMING_METRICS
 
 
 def read_metrics(out):
@@ -48,9 +49,9 @@ def test_eval_metrics_logged_without_changing_training(tmp_path, labelled):
     scored = [r for r in with_eval if "eval/mag/knn" in r]
     assert [r["step"] for r in scored] == [2, 4]
     assert all(0 <= r[f"eval/mag/{m}"] <= 1 for r in scored for m in ("knn", "linear", "fewshot"))
-    strip = [{k: v for k, v in r.items() if not k.startswith("eval/") and k != "samples_per_s"}
+    strip = [{k: v for k, v in r.items() if not k.startswith("eval/") and k not in TIMING_METRICS}
              for r in with_eval]
-    assert strip == [{k: v for k, v in r.items() if k != "samples_per_s"} for r in without]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING_METRICS} for r in without]
     a = checkpoint.load(checkpoint.latest(tmp_path / "with"))
     b = checkpoint.load(checkpoint.latest(tmp_path / "without"))
     assert all(torch.equal(v, b["teacher"][k]) for k, v in a["teacher"].items())
@@ -62,7 +63,7 @@ def test_exact_resume_with_eval_on(tmp_path, labelled):
     make_trainer(cut).fit(stop_after=2)
     cut.resume = "auto"
     make_trainer(cut).fit()
-    drop = ("samples_per_s",)
+    drop = TIMING_METRICS
     full = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / "full")]
     resumed = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / "cut")]
     assert resumed == full and "eval/mag/linear" in resumed[-1]

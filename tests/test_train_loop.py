@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_fakes import make_trainer, tiny_config  # noqa: E402
+from train_fakes import FakeLoader, fake_augment, make_trainer, tiny_config  # noqa: E402
 
 from midnight_train import checkpoint  # noqa: E402
 from midnight_train.checkpoint import latest, list_checkpoints  # noqa: E402
-from midnight_train.trainer import NonFiniteLossError  # noqa: E402
+from midnight_train.trainer import TIMING_METRICS, LoaderWatch, NonFiniteLossError  # noqa: E402
 
-VOLATILE = {"samples_per_s"}
+VOLATILE = set(TIMING_METRICS)
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -33,7 +34,8 @@ def test_metrics_fields_and_finite(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
     required = ["step", "loss", "loss_dino", "loss_ibot", "loss_kde", "lr", "wd",
                 "teacher_momentum", "teacher_temp", "grad_norm", "student_cls_cos",
-                "teacher_cls_cos", "teacher_cls_std", "samples_per_s", "teacher_entropy"]
+                "teacher_cls_cos", "teacher_cls_std", "samples_per_s", "teacher_entropy",
+                "step_s", "data_wait_s"]
     for r in rows:
         for k in required:
             assert k in r and isinstance(r[k], float | int) and r[k] == r[k], k
@@ -201,3 +203,40 @@ def test_non_finite_loss_never_reaches_the_weights(tmp_path, monkeypatch):
         assert torch.equal(before[k], v), k
     for k, v in trainer.teacher.state_dict().items():
         assert torch.equal(teacher[k], v), k
+
+
+class SlowLoader(FakeLoader):
+    """A loader that cannot keep up: 0.3 s per batch (a tiny step takes ~30 ms)."""
+
+    def __next__(self):
+        time.sleep(0.3)
+        return super().__next__()
+
+
+def test_loader_watch_warns_over_doubling_windows():
+    warned = []
+    watch = LoaderWatch(0.1, 2)
+    for step in range(1, 12):  # 20 % of every step waiting, the first step left out
+        watch.add(step, 0.2, 1.0, lambda share, first, last: warned.append((share, first, last)))
+    assert warned == [(pytest.approx(0.2), 2, 3), (pytest.approx(0.2), 4, 7)]
+    quiet = LoaderWatch(0.1, 2)
+    for step in range(1, 12):
+        quiet.add(step, 0.05, 1.0, lambda *a: pytest.fail("5 % is not starving"))
+
+
+def test_timing_metrics_and_a_starving_loader_is_reported(tmp_path, monkeypatch, capsys):
+    import midnight_train.trainer as trainer_module
+    from midnight_train.trainer import Trainer
+
+    monkeypatch.setattr(trainer_module, "STARVED_WINDOW", 2)
+    cfg = tiny_config(tmp_path / "slow", train={"max_steps": 3, "checkpoint_every": 3})
+    Trainer(cfg, make_loader=SlowLoader, augment=fake_augment).fit()
+    warned = capsys.readouterr().err
+    assert "the data loader is starving training: " in warned
+    assert "of the time of steps 2-3 went to waiting for batches" in warned
+    for r in read_metrics(tmp_path / "slow"):
+        assert 0.3 <= r["data_wait_s"] < r["step_s"]
+        assert r["samples_per_s"] == pytest.approx(4 / r["step_s"])
+
+    make_trainer(tiny_config(tmp_path / "fast", train={"max_steps": 5})).fit()
+    assert "starving" not in capsys.readouterr().err

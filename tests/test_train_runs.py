@@ -22,7 +22,7 @@ from midnight_train import checkpoint  # noqa: E402
 from midnight_train.checkpoint import CheckpointError, latest, list_checkpoints  # noqa: E402
 from midnight_train.cli import main  # noqa: E402
 from midnight_train.export import export_backbone  # noqa: E402
-from midnight_train.trainer import RunError  # noqa: E402
+from midnight_train.trainer import TIMING_METRICS, RunError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = str(ROOT / "examples" / "tiny-cpu.yaml")
@@ -30,7 +30,7 @@ TINY_YAML = str(ROOT / "examples" / "tiny-cpu.yaml")
 
 def metrics(out: Path) -> list[dict]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k != "samples_per_s"} for r in rows]
+    return [{k: v for k, v in r.items() if k not in TIMING_METRICS} for r in rows]
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
