@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -236,6 +237,25 @@ def _verdict(jobs, done: dict, ran: list[dict], jobs_failed: bool) -> int:
     return 1 if jobs_failed or failed or empty else 0
 
 
+def one_line_errors(command):
+    """Add --debug; without it an unexpected error ends as one line (what failed, and the hint),
+    not a Python traceback."""
+    @click.option("--debug", is_flag=True, help="On an error, show the Python traceback.")
+    @functools.wraps(command)
+    def wrapper(*args, debug: bool, **kwargs):
+        click.get_current_context().meta["debug"] = debug
+        try:
+            return command(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as e:
+            if debug:
+                raise
+            raise click.ClickException(f"{type(e).__name__}: {e} (run again with --debug for the "
+                                       "traceback)") from e
+    return wrapper
+
+
 def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if value and not ctx.resilient_parsing:
         from .versions import describe
@@ -269,6 +289,7 @@ RETRY_FAILED = click.option("--retry-failed", is_flag=True,
               help="Local worker processes.")
 @VERIFY
 @RETRY_FAILED
+@one_line_errors
 def build(workers, verify, retry_failed, **options) -> None:
     """Plan and run: sample tiles from INPUTS (slide files, directories, or CSV slide lists with
     columns path[,slide_id,mpp,group]) into shards under --output. Resumable: run it again after
@@ -280,6 +301,7 @@ def build(workers, verify, retry_failed, **options) -> None:
 
 @main.command("plan")
 @plan_options
+@one_line_errors
 def plan_cmd(**options) -> None:
     """Write OUTPUT/plan.json (the jobs, their slides and quotas) without running anything."""
     plan = _plan_from_options(**options)
@@ -297,6 +319,7 @@ def plan_cmd(**options) -> None:
 @click.option("--jobs", "job_ids", help="Only these job ids (comma-separated).")
 @VERIFY
 @RETRY_FAILED
+@one_line_errors
 def run(plan_source, workers, task, num_tasks, job_ids, verify, retry_failed) -> None:
     """Run the unfinished jobs of a plan (PLAN_SOURCE: plan.json or the output it lives in)."""
     plan = _load_plan(plan_source)
@@ -307,6 +330,7 @@ def run(plan_source, workers, task, num_tasks, job_ids, verify, retry_failed) ->
 @click.argument("plan_source")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @VERIFY
+@one_line_errors
 def status(plan_source, as_json, verify) -> None:
     """What is done, what is left, and what failed."""
     plan = _load_plan(plan_source)
@@ -349,16 +373,23 @@ def status(plan_source, as_json, verify) -> None:
 @click.argument("shard_urls", nargs=-1, required=True)
 @click.option("--out", "out_png", default="contact-sheet.png", show_default=True, help="Contact sheet PNG to write.")
 @click.option("--count", default=48, show_default=True, type=click.IntRange(min=0), help="Tiles on the sheet.")
+@one_line_errors
 def inspect(shard_urls, out_png, count) -> None:
     """Per-shard statistics and a contact sheet of tiles labelled with their µm/px."""
     from .inspect import contact_sheet, shard_stats
 
-    tiles = []
+    tiles, unreadable = [], 0
     for url in shard_urls:
         try:
             stats, sample = shard_stats(url, keep=max(0, count - len(tiles)))
-        except (OSError, ValueError) as e:
-            raise click.ClickException(f"cannot read shard {url}: {e}") from e
+        except Exception as e:
+            if click.get_current_context().meta.get("debug"):
+                raise
+            what = ("cannot be opened" if isinstance(e, shards.ShardOpenError) else
+                    "is not a readable shard (truncated, or not a tar file)")
+            click.echo(f"{url}: {what}: {type(e).__name__}: {e}", err=True)
+            unreadable += 1
+            continue
         tiles += sample
         click.echo(f"{url}: {stats['samples']} samples, {stats['bytes']} bytes; per µm/px "
                    + ", ".join(f"{k}: {v}" for k, v in sorted(stats['per_mpp'].items(), key=lambda kv: -float(kv[0])))
@@ -366,6 +397,7 @@ def inspect(shard_urls, out_png, count) -> None:
                    f"mean HSV fraction {stats['hsv_fraction']:.2f}")
     contact_sheet(tiles, out_png)
     click.echo(f"contact sheet of {len(tiles)} tiles -> {out_png}")
+    sys.exit(1 if unreadable else 0)
 
 
 if __name__ == "__main__":

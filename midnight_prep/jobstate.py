@@ -19,6 +19,9 @@ import fsspec
 
 from .shards import MANIFEST_DIR, SHARD_DIR, join, manifest_name
 
+# What every slide entry of a manifest holds (job.SlideReport), read by the summaries.
+SLIDE_FIELDS = {"slide_id", "source", "status", "error", "asked", "written", "rejected", "skipped_mpps"}
+
 # Up to this many shards are looked up one by one; more are sized from one listing of shards/.
 LOOKUPS = 200
 
@@ -46,9 +49,15 @@ def _judge(job_id: str, blob: bytes, plan_sha256: str) -> JobState:
     """The manifest's own verdict (shards not looked at yet)."""
     try:
         manifest = json.loads(blob)
-        shards = [(s["name"], int(s["bytes"]), s["sha256"]) for s in manifest["shards"]]
-        if not isinstance(manifest["slides"], list) or len(shards) != len(manifest["shards"]):
-            raise ValueError("bad slides list")
+        int(manifest["samples"])
+        for shard in manifest["shards"]:
+            if not (isinstance(shard["name"], str) and isinstance(shard["sha256"], str)):
+                raise TypeError("a shard entry's name and sha256 must be text")
+            int(shard["bytes"])
+        for slide in manifest["slides"]:
+            missing = SLIDE_FIELDS - slide.keys()
+            if missing:
+                raise KeyError(f"a slide entry lacks {sorted(missing)}")
     except (ValueError, KeyError, TypeError) as e:
         return JobState(job_id, "damaged", None, f"its manifest cannot be read ({type(e).__name__}: {e})")
     theirs = manifest.get("plan_sha256")
