@@ -8,6 +8,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -172,7 +173,7 @@ def read_slide_list(csv_path: Path) -> list[dict]:
             if not p:
                 raise PlanError(f"{csv_path}:{n}: empty path")
             if "://" not in p and not Path(p).is_absolute():
-                p = str((csv_path.parent / p).resolve())
+                p = os.path.abspath(csv_path.parent / p)
             try:
                 rows.append(_row(p, r.get("slide_id"), r.get("group"), r.get("mpp")))
             except ValueError as e:
@@ -181,7 +182,8 @@ def read_slide_list(csv_path: Path) -> list[dict]:
 
 
 def collect_inputs(inputs: list[str]) -> list[dict]:
-    """Slide rows from files, directories (searched recursively by extension) and CSV lists."""
+    """Slide rows from files, directories (searched recursively by extension) and CSV lists.
+    Paths are made absolute but links are kept: a symlinked slide is known by the link's name."""
     rows: list[dict] = []
     for item in inputs:
         p = Path(item)
@@ -191,9 +193,9 @@ def collect_inputs(inputs: list[str]) -> list[dict]:
             found = sorted(f for f in p.rglob("*") if f.suffix.lower() in SLIDE_EXTENSIONS)
             if not found:
                 raise PlanError(f"{item}: no slide files ({', '.join(SLIDE_EXTENSIONS)}) in this directory")
-            rows += [_row(str(f.resolve())) for f in found]
+            rows += [_row(os.path.abspath(f)) for f in found]
         elif p.exists():
-            rows.append(_row(str(p.resolve())))
+            rows.append(_row(os.path.abspath(p)))
         else:
             raise PlanError(f"{item}: no such file or directory")
     if not rows:

@@ -10,6 +10,7 @@ import os
 import re
 import tarfile
 import tempfile
+import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,9 +26,12 @@ PLAN_NAME = "plan.json"
 
 
 def safe_slide_id(text: str) -> str:
-    """A dot-free, path-safe id: webdataset cuts keys at the first dot (TCGA names have dots)."""
-    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", text).strip("-")
-    return cleaned or "slide"
+    """A dot-free, path-safe ASCII id: webdataset cuts keys at the first dot (TCGA names have
+    dots). Accents are dropped (é -> e); a name with no ASCII letter or digit at all gets a
+    stable id from its hash (`slide-` and 10 hex digits), so such names stay apart."""
+    plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode()
+    cleaned = re.sub(r"[^A-Za-z0-9_-]+", "-", plain).strip("-")
+    return cleaned or "slide-" + hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def sample_key(slide_id: str, mpp: float, x: int, y: int) -> str:
