@@ -20,7 +20,7 @@ from .hsv import hsv_fraction
 from .locks import HOST, pid_alive
 from .plan import BuildParams, JobSpec, SlideSpec
 from .sampling import candidate_positions, slide_rng
-from .slides import Slide, SlideError, downscale, read_size_for
+from .slides import Level, Slide, SlideError, downscale, read_size_for
 from .tissue import ForegroundMap, tissue_mask
 
 # The smallest tile should cover about this many mask pixels across (>= 3 needed for the
@@ -85,88 +85,147 @@ def tile_cap(fg: ForegroundMap, slide: Slide, extent: float, params: BuildParams
     return int(params.max_coverage * area / (extent * extent))
 
 
+@dataclass
+class _Target:
+    """One (slide, µm/px) to sample: the level read, the read size there, and the tiles wanted."""
+
+    mpp: float
+    level: Level
+    read_size: int
+    extent: float  # tile side in level-0 pixels
+    quota: int
+
+    def corner(self, x0: int, y0: int) -> tuple[int, int]:
+        """A level-0 corner on the level's pixel grid, kept inside the level."""
+        ds = self.level.downsample
+        return (min(int(x0 / ds), self.level.width - self.read_size),
+                min(int(y0 / ds), self.level.height - self.read_size))
+
+
+def _target(slide: Slide, fg: ForegroundMap, spec: SlideSpec, params: BuildParams, mpp: float,
+            report: SlideReport) -> _Target | None:
+    """What to sample at ``mpp``; None when nothing is asked or the slide cannot give it (noted
+    in ``report``). A quota above the tissue's cap is lowered to it (noted too)."""
+    mkey = f"{mpp:g}"
+    quota = spec.quotas.get(mkey, 0)
+    if quota <= 0:
+        return None
+    level = slide.level_for(mpp, params.mpp_tolerance)
+    if level is None:
+        report.skipped_mpps[mkey] = (
+            f"finest level is {slide.levels[0].mpp:.3g} µm/px, coarser than {mpp:g} µm/px "
+            "(never upsampled)")
+        return None
+    extent = params.tile_size * mpp / slide.mpp
+    cap = tile_cap(fg, slide, extent, params)
+    if cap < quota:
+        report.capped[mkey] = cap
+        quota = cap
+    return _Target(mpp, level, read_size_for(params.tile_size, mpp, level.mpp), extent, quota)
+
+
+def _draw(positions, target: _Target, seen: set[tuple[int, int]], want: int, budget: int,
+          report: SlideReport) -> tuple[list[tuple[int, int, float]], int]:
+    """Up to ``want`` candidates in random order: level-grid corners not drawn before, with
+    their foreground fraction; and the budget left (duplicates spend it too, so a tiny slide
+    cannot loop forever)."""
+    chunk = []
+    for x0, y0, frac in positions:
+        budget -= 1
+        corner = target.corner(x0, y0)
+        if corner in seen:
+            _count(report, "duplicate")
+        else:
+            seen.add(corner)
+            chunk.append((*corner, frac))
+        if len(chunk) >= want or budget <= 0:
+            break
+    return chunk, budget
+
+
+class _Reader:
+    """Reads and filters candidate tiles of one slide; gives the slide up after MAX_READ_ERRORS
+    failed reads (a truncated file, say)."""
+
+    def __init__(self, slide: Slide, params: BuildParams):
+        self.slide, self.params, self.errors = slide, params, 0
+
+    def read(self, target: _Target, chunk: list[tuple[int, int, float]]) -> list:
+        """(tile, HSV fraction) or the SlideError of each candidate, in ``chunk``'s order. Reads
+        go in raster order, so overlapping reads share cached source tiles."""
+        size = target.read_size
+        results: list = [None] * len(chunk)
+        for i in sorted(range(len(chunk)), key=lambda i: (chunk[i][1] // size, chunk[i][0])):
+            xl, yl, _ = chunk[i]
+            try:
+                region = self.slide.read_level(target.level.index, xl, yl, size, size)
+            except SlideError as e:
+                results[i] = e
+                self.errors += 1
+                if self.errors >= MAX_READ_ERRORS:
+                    raise SlideError(f"gave up after {self.errors} failed reads; last: {e}") from e
+                continue
+            tile = downscale(region, self.params.tile_size)
+            results[i] = (tile, hsv_fraction(tile))
+        return results
+
+
+def _accept(target: _Target, chunk: list, results: list, room: int, spec: SlideSpec,
+            params: BuildParams, report: SlideReport, emit: Callable[[str, bytes, dict], None],
+            progress: Progress | None) -> int:
+    """Emit the tiles that pass the HSV filter, in draw order (so stopping at the quota favours
+    no part of the slide), at most ``room``; return how many."""
+    ds, written = target.level.downsample, 0
+    for (xl, yl, frac), result in zip(chunk, results):
+        if written >= room:
+            break
+        if isinstance(result, SlideError):
+            _count(report, "read_error")
+            continue
+        tile, hf = result
+        if hf < params.hsv_min_fraction:
+            _count(report, "hsv")
+            continue
+        x, y = round(xl * ds), round(yl * ds)
+        meta = {
+            "slide_id": spec.slide_id, "source": spec.path, "mpp": target.mpp, "x": x, "y": y,
+            "extent": round(target.read_size * ds, 3), "level": target.level.index,
+            "read_size": target.read_size, "tile_size": params.tile_size,
+            "foreground": round(frac, 4), "hsv_fraction": round(hf, 4), "group": spec.group,
+            "seed": params.seed,
+        }
+        emit(shards.sample_key(spec.slide_id, target.mpp, x, y), encode_jpeg(tile, params.jpeg_quality), meta)
+        written += 1
+        if progress:
+            progress("tiles", 1)
+    return written
+
+
 def _sample_slide(slide: Slide, spec: SlideSpec, params: BuildParams, report: SlideReport,
                   emit: Callable[[str, bytes, dict], None], progress: Progress | None) -> None:
+    """Per magnification, chunk by chunk: draw candidates -> read them -> accept, until the
+    quota is met or the read budget (read_budget_factor x quota + 64) is spent."""
     fg = foreground_map(slide, params)
-    read_errors = 0
+    reader = _Reader(slide, params)
     for mpp in params.mpps:
-        mkey = f"{mpp:g}"
-        quota = spec.quotas.get(mkey, 0)
-        if quota <= 0:
+        target = _target(slide, fg, spec, params, mpp, report)
+        if target is None:
             continue
-        level = slide.level_for(mpp, params.mpp_tolerance)
-        if level is None:
-            report.skipped_mpps[mkey] = (
-                f"finest level is {slide.levels[0].mpp:.3g} µm/px, coarser than {mpp:g} µm/px "
-                "(never upsampled)")
-            continue
-        extent = params.tile_size * mpp / slide.mpp  # level-0 pixels
-        cap = tile_cap(fg, slide, extent, params)
-        if cap < quota:
-            report.capped[mkey] = cap
-            quota = cap
-        read_size = read_size_for(params.tile_size, mpp, level.mpp)
-        ds = level.downsample
         rng = slide_rng(params.seed, spec.slide_id, mpp)
-        positions = candidate_positions(fg, slide.width, slide.height, extent, params.foreground,
-                                        rng, report.rejected)
-        budget = int(params.read_budget_factor * quota) + 64
+        positions = candidate_positions(fg, slide.width, slide.height, target.extent,
+                                        params.foreground, rng, report.rejected)
+        budget = int(params.read_budget_factor * target.quota) + 64
         seen: set[tuple[int, int]] = set()
         written = 0
-        while written < quota and budget > 0:
-            # Draw a chunk of distinct candidates (on the level's pixel grid) in random order.
-            chunk: list[tuple[int, int, float]] = []
-            want = min(CHUNK, max(8, (quota - written) * 3 // 2))
-            for x0, y0, frac in positions:
-                budget -= 1  # duplicates count too: a tiny slide must not loop forever
-                xl = min(int(x0 / ds), level.width - read_size)
-                yl = min(int(y0 / ds), level.height - read_size)
-                if (xl, yl) in seen:
-                    _count(report, "duplicate")
-                else:
-                    seen.add((xl, yl))
-                    chunk.append((xl, yl, frac))
-                if len(chunk) >= want or budget <= 0:
-                    break
+        while written < target.quota and budget > 0:
+            want = min(CHUNK, max(8, (target.quota - written) * 3 // 2))
+            chunk, budget = _draw(positions, target, seen, want, budget, report)
             if not chunk:
                 break
-            # Read in raster order, so overlapping reads share cached source tiles ...
-            results: list = [None] * len(chunk)
-            for i in sorted(range(len(chunk)), key=lambda i: (chunk[i][1] // read_size, chunk[i][0])):
-                xl, yl, _ = chunk[i]
-                try:
-                    region = slide.read_level(level.index, xl, yl, read_size, read_size)
-                except SlideError as e:
-                    results[i] = e
-                    read_errors += 1
-                    if read_errors >= MAX_READ_ERRORS:
-                        raise SlideError(f"gave up after {read_errors} failed reads; last: {e}") from e
-                    continue
-                tile = downscale(region, params.tile_size)
-                results[i] = (tile, hsv_fraction(tile))
-            # ... but accept in draw order, so stopping at the quota favours no part of the slide.
-            for (xl, yl, frac), result in zip(chunk, results):
-                if written >= quota:
-                    break
-                if isinstance(result, SlideError):
-                    _count(report, "read_error")
-                    continue
-                tile, hf = result
-                if hf < params.hsv_min_fraction:
-                    _count(report, "hsv")
-                    continue
-                x, y = round(xl * ds), round(yl * ds)
-                meta = {
-                    "slide_id": spec.slide_id, "source": spec.path, "mpp": mpp, "x": x, "y": y,
-                    "extent": round(read_size * ds, 3), "level": level.index, "read_size": read_size,
-                    "tile_size": params.tile_size, "foreground": round(frac, 4),
-                    "hsv_fraction": round(hf, 4), "group": spec.group, "seed": params.seed,
-                }
-                emit(shards.sample_key(spec.slide_id, mpp, x, y), encode_jpeg(tile, params.jpeg_quality), meta)
-                written += 1
-                if progress:
-                    progress("tiles", 1)
-        report.written[mkey] = written
+            results = reader.read(target, chunk)
+            written += _accept(target, chunk, results, target.quota - written, spec, params, report,
+                               emit, progress)
+        report.written[f"{mpp:g}"] = written
 
 
 def process_slide(spec: SlideSpec, params: BuildParams, emit, progress: Progress | None = None) -> SlideReport:
