@@ -164,25 +164,39 @@ def _execute(plan: Plan, jobs, workers: int, verify: bool, retry_failed: bool,
     return _verdict(jobs, done, ran, bool(failed_jobs))
 
 
+class _Bars:
+    """Progress bars of slides and tiles; tiles asked for but not written (shortfalls, skipped
+    magnifications, jobs finished elsewhere) shrink the tiles total, so the bar can end full."""
+
+    def __init__(self, jobs):
+        self.quota = {j.job_id: sum(sum(s.quotas.values()) for s in j.slides) for j in jobs}
+        self.slides = tqdm(total=sum(len(j.slides) for j in jobs), desc="slides", unit="slide",
+                           position=0, disable=None, leave=True)
+        self.tiles = tqdm(total=sum(self.quota.values()), desc="tiles ", unit="tile", position=1,
+                          disable=None, leave=True, smoothing=0.05)
+
+    def __call__(self, kind: str, n: int) -> None:
+        if kind == "unfilled":
+            self.tiles.total -= n
+            self.tiles.refresh()
+        else:
+            (self.slides if kind == "slides" else self.tiles).update(n)
+
+    def done_elsewhere(self, job_id: str, manifest: dict) -> None:
+        self("slides", len(manifest["slides"]))
+        self("unfilled", self.quota[job_id])
+
+    def close(self) -> None:
+        self.slides.close()
+        self.tiles.close()
+
+
 def _run_with_progress(plan: Plan, pending, workers: int, redo: set[str], done: dict):
     """Run ``pending`` with progress bars; jobs another builder is working on are left to it and
     waited for at the end. Adds finished jobs to ``done``; returns (manifests of the jobs run
     here, [(job_id, exception)] of those that failed)."""
-    quota = {j.job_id: sum(sum(s.quotas.values()) for s in j.slides) for j in pending}
-    bars = {
-        "slides": tqdm(total=sum(len(j.slides) for j in pending), desc="slides", unit="slide",
-                       position=0, disable=None, leave=True),
-        "tiles": tqdm(total=sum(quota.values()), desc="tiles ", unit="tile", position=1, disable=None,
-                      leave=True, smoothing=0.05),
-    }
+    bars = _Bars(pending)
     failed_jobs, ran = [], []
-
-    def progress(kind: str, n: int) -> None:
-        if kind == "unfilled":  # shortfalls and skipped magnifications: the bar can still end full
-            bars["tiles"].total -= n
-            bars["tiles"].refresh()
-        else:
-            bars[kind].update(n)
 
     def on_done(outcome) -> None:
         if outcome.error is not None:
@@ -194,27 +208,35 @@ def _run_with_progress(plan: Plan, pending, workers: int, redo: set[str], done: 
                 ran.append(outcome.manifest)
             else:
                 tqdm.write(f"{outcome.job_id} was finished by another builder", file=sys.stderr)
-                progress("slides", len(outcome.manifest["slides"]))
-                progress("unfilled", quota[outcome.job_id])
+                bars.done_elsewhere(outcome.job_id, outcome.manifest)
 
-    by_id = {j.job_id: j for j in pending}
     todo, told = pending, set()
-    while todo:
-        outcomes = run_jobs(todo, plan.params, plan.output, plan.sha256(), workers, progress,
-                            on_done, redo)
-        busy = [by_id[i] for i, o in outcomes.items() if o.holder is not None]
-        for job in busy:
-            if job.job_id not in told:
-                told.add(job.job_id)
-                tqdm.write(f"{job.job_id} is being built by {locks.describe(outcomes[job.job_id].holder)}; "
-                           "waiting for it", file=sys.stderr)
-        todo = []
-        while busy and not todo:  # until a busy job's lock is free (released, or its owner died)
-            time.sleep(WAIT_S)
-            todo = [j for j in busy if locks.live_holder(locks.lock_url(plan.output, j.job_id)) is None]
-    for bar in bars.values():
-        bar.close()
+    try:
+        while todo:
+            outcomes = run_jobs(todo, plan.params, plan.output, plan.sha256(), workers, bars,
+                                on_done, redo)
+            busy = [j for j in todo if outcomes[j.job_id].holder is not None]
+            for job in busy:
+                if job.job_id not in told:
+                    told.add(job.job_id)
+                    tqdm.write(f"{job.job_id} is being built by "
+                               f"{locks.describe(outcomes[job.job_id].holder)}; waiting for it",
+                               file=sys.stderr)
+            todo = _wait_for_a_free_lock(plan, busy)
+    finally:
+        bars.close()
     return ran, failed_jobs
+
+
+def _wait_for_a_free_lock(plan: Plan, busy: list) -> list:
+    """The jobs of ``busy`` whose lock is free again (released, or its owner died), waiting
+    until there is one; [] when ``busy`` is empty."""
+    while busy:
+        time.sleep(WAIT_S)
+        free = [j for j in busy if locks.live_holder(locks.lock_url(plan.output, j.job_id)) is None]
+        if free:
+            return free
+    return []
 
 
 def _verdict(jobs, done: dict, ran: list[dict], jobs_failed: bool) -> int:
