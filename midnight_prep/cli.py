@@ -295,6 +295,11 @@ def main() -> None:
     Typical use: `midnight-prep build SLIDES... --output OUT` (plan + run; rerun the same command
     to resume after a crash). For clusters: `plan` once, then `run OUT/plan.json --task I
     --num-tasks N` per SLURM array task or Ray task, and `status OUT` to follow progress.
+
+    \b
+    midnight-prep build slides/ --output out/ --workers 8
+    midnight-prep status out/
+    midnight-prep inspect out/shards/job-000000-0000.tar --out sheet.png
     """
 
 
@@ -315,7 +320,15 @@ RETRY_FAILED = click.option("--retry-failed", is_flag=True,
 def build(workers, verify, retry_failed, **options) -> None:
     """Plan and run: sample tiles from INPUTS (slide files, directories, or CSV slide lists with
     columns path[,slide_id,mpp,group]) into shards under --output. Resumable: run it again after
-    any interruption and only the unfinished jobs are redone."""
+    any interruption and only the unfinished (or damaged) jobs are redone. Exit status 1 while a
+    slide failed or nothing was written. For example:
+
+    \b
+    midnight-prep build slides/ --output out/ --workers 8
+    midnight-prep build slides.csv --output s3://bucket/run1 --mpp 1,0.5 --total-tiles 1000000
+    midnight-prep build slides/ --output out/ --tile-size 512 --mpp 0.5,0.25 --seed 1
+    midnight-prep build slides/ --output out/ --retry-failed   # after fixing a failed slide
+    """
     plan = _plan_from_options(**options)
     _store_plan(plan)
     sys.exit(_execute(plan, plan.jobs, workers, verify, retry_failed, whole_output=True))
@@ -325,7 +338,13 @@ def build(workers, verify, retry_failed, **options) -> None:
 @plan_options
 @one_line_errors
 def plan_cmd(**options) -> None:
-    """Write OUTPUT/plan.json (the jobs, their slides and quotas) without running anything."""
+    """Write OUTPUT/plan.json (the jobs, their slides and quotas) without running anything;
+    then `midnight-prep run` it, anywhere and in any number of pieces. For example:
+
+    \b
+    midnight-prep plan slides.csv --output s3://bucket/tcga --total-tiles 100000000
+    midnight-prep plan slides/ --output out/ --tiles-per-slide 2000 --slides-per-job 16
+    """
     plan = _plan_from_options(**options)
     url = _store_plan(plan)
     click.echo(f"{len(plan.jobs)} jobs, {len(plan.slides)} slides, "
@@ -343,7 +362,17 @@ def plan_cmd(**options) -> None:
 @RETRY_FAILED
 @one_line_errors
 def run(plan_source, workers, task, num_tasks, job_ids, verify, retry_failed) -> None:
-    """Run the unfinished jobs of a plan (PLAN_SOURCE: plan.json or the output it lives in)."""
+    """Run the unfinished jobs of a plan (PLAN_SOURCE: plan.json or the output it lives in).
+    Results go to the folder the plan is in. Jobs are locked while they run: several tasks or
+    machines may share a plan, and a job another builder is working on is waited for. For
+    example:
+
+    \b
+    midnight-prep run out/plan.json --workers 8
+    midnight-prep run s3://bucket/tcga/plan.json --task $SLURM_ARRAY_TASK_ID \\
+        --num-tasks $SLURM_ARRAY_TASK_COUNT --workers $SLURM_CPUS_PER_TASK
+    midnight-prep run out/ --jobs job-000003,job-000007 --verify
+    """
     plan = _load_plan(plan_source)
     sys.exit(_execute(plan, _select(plan, task, num_tasks, job_ids), workers, verify, retry_failed))
 
@@ -354,7 +383,14 @@ def run(plan_source, workers, task, num_tasks, job_ids, verify, retry_failed) ->
 @VERIFY
 @one_line_errors
 def status(plan_source, as_json, verify) -> None:
-    """What is done, what is left, and what failed."""
+    """What is done, what is left, what failed, what is damaged (missing or truncated shards)
+    and who is working on what. Exit status 1 when something failed or is damaged. For example:
+
+    \b
+    midnight-prep status out/
+    midnight-prep status s3://bucket/tcga --json
+    midnight-prep status out/ --verify   # also compare every shard's sha256
+    """
     plan = _load_plan(plan_source)
     try:
         states = check_jobs(plan.output, plan.sha256(), [j.job_id for j in plan.jobs], verify)
@@ -397,7 +433,12 @@ def status(plan_source, as_json, verify) -> None:
 @click.option("--count", default=48, show_default=True, type=click.IntRange(min=0), help="Tiles on the sheet.")
 @one_line_errors
 def inspect(shard_urls, out_png, count) -> None:
-    """Per-shard statistics and a contact sheet of tiles labelled with their µm/px."""
+    """Per-shard statistics and a contact sheet of tiles labelled with their µm/px. For example:
+
+    \b
+    midnight-prep inspect out/shards/job-000000-0000.tar --out sheet.png
+    midnight-prep inspect out/shards/*.tar --count 96
+    """
     from .inspect import contact_sheet, shard_stats
 
     tiles, unreadable = [], 0

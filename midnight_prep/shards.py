@@ -1,5 +1,9 @@
-"""Shard format (DESIGN.md §2): keys, JSON metadata, deterministic tar writing, and publishing
-files atomically to a local path or any fsspec URL (s3://, gs://, file://)."""
+"""The shard format's single definition (the contract is in ARCHITECTURE.md): sample keys, JSON
+metadata fields, deterministic tar writing, the one streaming reader, and publishing files
+atomically (or exclusively) to a local path or any fsspec URL (s3://, gs://, file://).
+
+Output layout: OUT/plan.json, OUT/shards/JOB-KKKK.tar, OUT/manifests/JOB.json (the commit marker
+of a job, written last), OUT/locks/JOB.lock (while a builder works on the job)."""
 
 from __future__ import annotations
 
