@@ -10,17 +10,21 @@ Measured side by side in one process, single-threaded (samples/s per core):
 - reference: DINOv2's augmentation done per image in PIL/torchvision on the CPU (decode,
   RandomResizedCrop, flip, ColorJitter, RandomGrayscale, GaussianBlur, RandomSolarize,
   ToTensor, Normalize) plus HED per crop with scikit-image (rgb2hed → jitter → hed2rgb);
-- HED alone: batched `hed_jitter` on [n, 3, 224, 224] (float and uint8 input; on the CPU a
-  compiled loop, compiled before timing) vs scikit-image per crop, with the same formula run
-  eagerly in torch (no compilation) alongside.
-Prints markdown tables of medians over the repeats: per-core rates from the process's CPU time
-(the figure that matters on a shared machine) and wall-clock rates alongside.
+- HED alone: batched `hed_jitter` on [n, 3, 224, 224] (uint8 and float input; plain torch
+  ops, no compilation) vs scikit-image per crop.
+Prints first what runs (torch, threads, the SIMD level torch's CPU kernels dispatch to against
+the best the CPU has, PIL or pillow-simd), then markdown tables of medians over the repeats:
+per-core rates from the process's CPU time (the figure that matters on a shared machine) and
+wall-clock rates alongside. Exits with status 2 before timing anything when a fast path is
+missing (torch's kernels below the CPU's SIMD level, e.g. ATEN_CPU_CAPABILITY set; plain
+pillow instead of pillow-simd), unless --allow-fallback is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import platform
 import statistics
 import sys
@@ -29,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import PIL
 import torch
 from PIL import Image, ImageFilter, ImageOps
 from skimage.color import hed2rgb, rgb2hed
@@ -42,15 +45,53 @@ import shardkit  # noqa: E402
 
 from midnight_prep.samples import cmu_small_region  # noqa: E402
 from midnight_prep.shards import iter_tiles  # noqa: E402
+from midnight_prep.versions import pil_flavour  # noqa: E402
 from midnight_train.augment import (  # noqa: E402
     AugmentConfig,
     ColorAugment,
-    _hed_log2_affine,
-    _stain_map,
     hed_jitter,
     sample_hed_params,
 )
 from midnight_train.data import DataConfig, make_loader  # noqa: E402
+
+SIMD_LEVELS = ("DEFAULT", "AVX2", "AVX512")  # torch.backends.cpu.get_cpu_capability() on x86-64
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def best_x86_simd() -> str | None:
+    """The widest SIMD level torch could use on this CPU (None off x86-64)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    if torch.cpu._is_avx512_supported():
+        return "AVX512"
+    return "AVX2" if torch.cpu._is_avx2_supported() else "DEFAULT"
+
+
+def environment() -> tuple[list[str], list[str]]:
+    """(lines saying what runs, problems: fast paths that are missing)."""
+    used, best = torch.backends.cpu.get_cpu_capability(), best_x86_simd()
+    pil, simd = pil_flavour()
+    problems = []
+    if best and used in SIMD_LEVELS and SIMD_LEVELS.index(used) < SIMD_LEVELS.index(best):
+        forced = os.environ.get("ATEN_CPU_CAPABILITY")
+        problems.append(f"torch's CPU kernels run at {used} on a CPU with {best}"
+                        + (f" (ATEN_CPU_CAPABILITY={forced} is set: unset it)" if forced else ""))
+    if not simd:
+        problems.append(f"{pil}: the CPU-side figures in BENCHMARKS.md's first column need "
+                        "pillow-simd (the pillow column is for this case)")
+    lines = [f"CPU: {cpu_model()} ({platform.machine()}); torch {torch.__version__}, "
+             f"{torch.get_num_threads()} thread(s); torch CPU kernels dispatch to {used}"
+             + (f" (CPU's best: {best})" if best else ""),
+             f"PIL: {pil}",
+             "HED: hed_jitter as plain torch ops (no compilation), the same code as on the GPU"]
+    return lines, problems
 
 
 def median_rates(runs: dict, repeats: int) -> dict[str, tuple[float, float]]:
@@ -119,8 +160,18 @@ def main() -> None:
     ap.add_argument("--ref-samples", type=int, default=48, help="samples per timed run (reference)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--allow-fallback", action="store_true",
+                    help="time anyway when a fast path is missing (the output says which)")
     args = ap.parse_args()
     torch.set_num_threads(1)  # per-core figures
+    lines, problems = environment()
+    print("\n".join(lines))
+    if problems:
+        print("\n".join(f"FAST PATH MISSING: {p}" for p in problems), file=sys.stderr)
+        if not args.allow_fallback:
+            print("Not timing: these figures would not be comparable with BENCHMARKS.md. Fix the "
+                  "above, or pass --allow-fallback to time anyway.", file=sys.stderr)
+            sys.exit(2)
     np.random.seed(0)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="midnight-bench-") as tmp:
@@ -162,12 +213,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     crops = crops_u8.float() / 255
     alpha, beta = sample_hed_params(b, aug.hed_sigma_alpha, aug.hed_sigma_beta, gen)
     pil_crops = [Image.fromarray((c.permute(1, 2, 0).numpy() * 255).astype(np.uint8)) for c in crops[:16]]
-    t0 = time.perf_counter()
-    hed_jitter(crops_u8, alpha, beta), hed_jitter(crops, alpha, beta)  # compile both before timing
-    compile_s = time.perf_counter() - t0
-    colour(batch, gen)
-    matrix, shift = _hed_log2_affine(alpha, beta, crops_u8.device, 255.0)
-    pixels_u8 = crops_u8.reshape(b, 3, -1)
+    hed_jitter(crops_u8, alpha, beta), hed_jitter(crops, alpha, beta), colour(batch, gen)  # warm-up
     rates = median_rates({
         "ref": (reference, args.ref_samples),
         "ours": (lambda: [next(it) for _ in range(n_batches)], n_batches * b),
@@ -181,14 +227,12 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
                              for _ in range(calls) for c in pil_crops], calls * len(pil_crops)),
         "hed": (lambda: [hed_jitter(crops, alpha, beta) for _ in range(calls)], calls * b),
         "hed_u8": (lambda: [hed_jitter(crops_u8, alpha, beta) for _ in range(calls)], calls * b),
-        "hed_eager": (lambda: _stain_map(pixels_u8, matrix, shift, 255e-6), b),
     }, 3 * args.repeats)
     cpu = {k: v[0] for k, v in rates.items()}
     wall = {k: v[1] for k, v in rates.items()}
     ref, ours, colour_rate = cpu["ref"], cpu["ours"], cpu["colour"]
 
-    pil = f"PIL {PIL.__version__}"
-    print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, {pil}, 1 thread; "
+    print(f"\n{torch.get_num_threads()} torch thread; "
           f"tiles {args.tiles} px, crops 2x{g} + {nl}x{loc}, batch {b}, medians of {args.repeats}\n")
     print("samples/s per core = samples per CPU-second of the one thread doing the work; wall-clock "
           "samples/s (includes time other processes took on a shared machine) in the last column\n")
@@ -205,13 +249,11 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     print("|---|---:|---:|---:|")
     print(f"| scikit-image rgb2hed → jitter → hed2rgb, per crop (uint8 in/out) | {cpu['hed_ref']:.1f} | 1.0x "
           f"| {wall['hed_ref']:.1f} |")
-    for key, what in (("hed_eager", "uint8 input, same formula in eager torch (no compilation)"),
-                      ("hed", "float32 input"), ("hed_u8", "uint8 input: what ColorAugment runs")):
+    for key, what in (("hed", "float32 input"), ("hed_u8", "uint8 input: what ColorAugment runs")):
         print(f"| `hed_jitter`, batched torch (batch {b}), {what} | {cpu[key]:.1f} | "
               f"{cpu[key] / cpu['hed_ref']:.1f}x | {wall[key]:.1f} |")
     print(f"\nHED medians of {3 * args.repeats} rounds of {calls} batches (scikit-image: {calls} × "
-          f"{len(pil_crops)} crops) each; compiling the HED loop (both input types) took "
-          f"{compile_s:.1f} s before timing (cached on disk by torch afterwards).")
+          f"{len(pil_crops)} crops) each.")
 
 if __name__ == "__main__":
     main()

@@ -33,12 +33,7 @@ Tellez's "light" 0.05 / "strong" 0.2 refer to α; their β scale does not carry 
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import math
-import struct
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,147 +90,29 @@ def _hed_log2_affine(alpha: torch.Tensor, beta: torch.Tensor, device: torch.devi
     return matrix.float().contiguous(), shift.float().contiguous()
 
 
-# Minimax polynomials (fitted with Lawson's algorithm), degrees chosen for speed: the HED contract
-# is 1/255 against float64, and together they stay below 3e-4 for the training ranges (σα ≤ 0.5);
-# in general log2's error is amplified by the per-image matrix, ≈ 1e-4 · (1 + max row sum |M|).
-# log2(m) − m − 126 ≈ Σ _LOG2_POLY[k] mᵏ on m ∈ [1, 2): max error 8.8e-5 (see `_log2_approx`).
-_LOG2_POLY = (-128.51285627587338, 3.0700954175977313, -2.1206799211410536, 0.6451445376884278,
-              -0.0816161735143957)
-# 2^f ≈ Σ _EXP2_POLY[k] fᵏ on f ∈ [0, 1): max relative error 8.6e-5; exactly 1 at f = 0, 1.99983 at 1.
-_EXP2_POLY = (1.0, 0.695116535777178, 0.22764610777734673, 0.07706601932206271)
-
-
-def _horner(t: torch.Tensor, coefficients: tuple[float, ...]) -> torch.Tensor:
-    p = t * coefficients[-1] + coefficients[-2]
-    for c in coefficients[-3::-1]:
-        p = p * t + c
-    return p
-
-
-def _float_bits(value: float) -> int:
-    """The int32 that has the bits of float32(value)."""
-    return struct.unpack("<i", struct.pack("<f", value))[0]
-
-
-# Clamps below work on the int32 bits of float32 values: for floats ≥ 0 the bit patterns sort like
-# the values, and every negative float has a negative pattern. One integer max/min is a single
-# vector instruction, where a float clamp also has to propagate NaN (four).
-
-
-def _log2_approx(x: torch.Tensor, floor: float) -> torch.Tensor:
-    """log2(max(x, floor)) for float32 x and a normal floor > 0 (error ≤ 1e-4). For x = 2^e · m,
-    m ∈ [1, 2), its bits read as an integer are 2^23 · (e + 127 + m − 1), so log2 x = e + log2 m
-    = bits / 2^23 + (log2 m − m − 126), and the bracket is a polynomial in m."""
-    bits = x.view(torch.int32).clamp_min(_float_bits(floor))
-    mantissa = ((bits & 0x7FFFFF) | 0x3F800000).view(torch.float32)  # m ∈ [1, 2)
-    return bits.to(torch.float32) * 2.0**-23 + _horner(mantissa, _LOG2_POLY)
-
-
-def _exp2_clip_approx(y: torch.Tensor) -> torch.Tensor:
-    """min(2^y, 1) for finite float32 y (relative error ≤ 9e-5; below 2^-126 ≈ 1e-38 it stays at
-    ~2^-126): min(y, 0) splits into an integer part, which goes into the exponent bits, and a
-    fraction f for the polynomial, which rises from exactly 1 at f = 0 to 1.99983 at f = 1, so the
-    result never exceeds 1 (no clip needed after)."""
-    y = y.view(torch.int32).clamp_max(0).view(torch.float32)  # min(y, 0)
-    whole = torch.floor(y)
-    p = _horner(y - whole, _EXP2_POLY)  # ∈ [1, 2)
-    scale = whole.to(torch.int32).clamp_min(-126) << 23
-    return (p.view(torch.int32) + scale).view(torch.float32)
-
-
-def _exp2_clip(y: torch.Tensor) -> torch.Tensor:
-    """min(2^y, 1) with torch's exp2."""
-    return torch.exp2(y.clamp_max(0.0))
-
-
-def _stain_map(pixels: torch.Tensor, matrix: torch.Tensor, shift: torch.Tensor,
-               floor: float) -> torch.Tensor:
-    """rgb' = min(exp2(matrix @ log2(max(pixels, floor)) + shift), 1) for pixels [B, 3, N] (uint8 or
-    float), matrix [B, 3, 3], shift [B, 3]; float32 [B, 3, N]. Written per channel in plain
-    element-wise ops so that, compiled, it is one loop: 3 logs, 9 multiply-adds and 3 exps per
-    pixel, no temporaries. Compiled it takes the polynomial log2/exp2 (a few vector instructions
-    each; torch's are slower calls); run eagerly (other devices, or compilation unavailable or
-    disabled) torch's own, which are cheaper per pass."""
-    if torch.compiler.is_compiling():
-        logs = [_log2_approx(pixels[:, k].to(torch.float32), floor) for k in range(3)]
-        exp2 = _exp2_clip_approx
-    else:
-        logs = [torch.log2(pixels[:, k].to(torch.float32).clamp_min(floor)) for k in range(3)]
-        exp2 = _exp2_clip
-    return torch.stack([
-        exp2(shift[:, c, None] + matrix[:, c, 0, None] * logs[0]
-             + matrix[:, c, 1, None] * logs[1] + matrix[:, c, 2, None] * logs[2])
-        for c in range(3)], 1)
-
-
-@contextlib.contextmanager
-def _quiet_cuda_home_notice() -> Iterator[None]:
-    """Compiling imports torch.utils.cpp_extension, which on a CUDA build without a GPU logs a
-    warning about CUDA_HOME: irrelevant to a CPU kernel, and confusing in our output."""
-    logger = logging.getLogger("torch.utils.cpp_extension")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-
-
-_compiled_stain_map: Any = None  # torch.compile'd `_stain_map` for the CPU; False once it failed
-
-
-def _stain_map_cpu(pixels: torch.Tensor, matrix: torch.Tensor, shift: torch.Tensor,
-                   floor: float) -> torch.Tensor:
-    """`_stain_map` compiled (inductor's C++ backend) the first time it runs: eagerly each of its
-    element-wise ops is a pass over memory, fused it is one loop, ~10× faster (BENCHMARKS.md).
-    Without a working C++ compiler it warns once and runs eagerly (same formula, slower)."""
-    global _compiled_stain_map
-    first_call = _compiled_stain_map is None
-    if first_call:
-        # Shapes: batch and pixel count symbolic (one compilation per input dtype, whatever the
-        # crop sizes); the channel count and the float constants stay fixed, which keeps the loop
-        # vectorised (`dynamic=True` would make them symbolic too: 2× slower).
-        # Letting the C++ compiler fuse multiply-adds (inductor's default is off) makes it 20 %
-        # faster; it changes results by float32 rounding only.
-        _compiled_stain_map = torch.compile(
-            _stain_map, dynamic=False, fullgraph=True,
-            options={"cpp.enable_floating_point_contract_flag": "fast"})
-    if _compiled_stain_map is not False:
-        for t in (pixels, matrix, shift):
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-        torch._dynamo.maybe_mark_dynamic(pixels, 2)
-        try:
-            with _quiet_cuda_home_notice() if first_call else contextlib.nullcontext():
-                return _compiled_stain_map(pixels, matrix, shift, floor)
-        except Exception as err:  # no compiler, no Python headers, …: correctness does not depend on it
-            _compiled_stain_map = False
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            warnings.warn(f"HED augmentation: torch.compile failed on the CPU ({first[:300]}); "
-                          "running it eagerly, several times slower. A C++ compiler (g++) and the "
-                          "Python headers make it fast.", RuntimeWarning, stacklevel=3)
-    return _stain_map(pixels, matrix, shift, floor)
-
-
 def hed_jitter(images: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Scale/shift stain concentrations: images float [B, 3, H, W] in [0, 1], alpha/beta [B, 3]
     in H, E, D order (units in the module docstring); returns [B, 3, H, W] in [0, 1], in the
-    images' dtype. α = 1, β = 0 is the identity (up to the 1e-6 floor). uint8 images (values
-    v/255) are accepted too and give float32.
+    images' dtype. α = 1, β = 0 is the identity up to float32 rounding (and the 1e-6 floor).
+    uint8 images (values v/255) are accepted too and give float32.
 
     The whole round trip is one per-image 3×3 product in log space (`_hed_log2_affine`); per
-    pixel that is 3 log2, 9 multiply-adds and 3 exp2, in float32. On the CPU it runs as one
-    compiled loop with polynomial log2/exp2 (`_stain_map_cpu`), within 3e-4 of the float64
-    formula for training-range parameters (the contract is 1/255); on other devices eagerly with
-    torch's log2/exp2."""
+    pixel that is 3 log2, 9 multiply-adds and 3 exp2, in float32 with torch's own functions
+    (within 1e-5 of the float64 formula), the same plain element-wise ops on every device. On the
+    CPU each op is a pass over memory (~2.5× scikit-image per core, BENCHMARKS.md); in training
+    this runs on the GPU."""
     b, c, h, w = images.shape
     if c != 3:
         raise ValueError(f"hed_jitter expects RGB images [B, 3, H, W], got {tuple(images.shape)}")
     from_uint8 = images.dtype == torch.uint8
     scale = 255.0 if from_uint8 else 1.0
     matrix, shift = _hed_log2_affine(alpha, beta, images.device, scale)
-    pixels = images.reshape(b, 3, h * w)
-    run = _stain_map_cpu if images.device.type == "cpu" else _stain_map
-    out = run(pixels, matrix, shift, 1e-6 * scale).view(b, 3, h, w)
+    # clamp_min returns a new tensor, so log2 can work in place without touching `images`
+    logs = images.reshape(b, 3, h * w).to(torch.float32).clamp_min(1e-6 * scale).log2_()
+    out = torch.stack([shift[:, k, None] + matrix[:, k, 0, None] * logs[:, 0]
+                       + matrix[:, k, 1, None] * logs[:, 1] + matrix[:, k, 2, None] * logs[:, 2]
+                       for k in range(3)], 1)
+    out = out.clamp_max_(0.0).exp2_().view(b, 3, h, w)  # exp2 of a value ≤ 0: already ≤ 1
     return out if from_uint8 else out.to(images.dtype)
 
 
@@ -338,7 +215,7 @@ class ColorAugment:
 
         if bool(hed_on.all()):  # the default (hed_p = 1): the whole batch in one call
             x = hed_jitter(x, alpha, beta)  # a new tensor
-        else:  # crops without HED stay exact (hed_jitter's α = 1, β = 0 is identity only to ~1e-4)
+        else:  # crops without HED stay exact (hed_jitter's α = 1, β = 0 is identity only to ~1e-6)
             src = x
             x = x.float().div_(255) if x.dtype == torch.uint8 else x.clone()
             idx = torch.nonzero(hed_on).flatten()
