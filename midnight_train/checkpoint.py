@@ -2,9 +2,16 @@
 
 Layout: ``OUTPUT/checkpoints/step_XXXXXXXX/`` holds ``model.pt`` (student, teacher, optimiser,
 loss state, step, the run's config) and one ``rank_XXXXX.pt`` per process (RNG states, colour
-augmentation generator, data-stream position). A checkpoint is written to a hidden
-``.tmp_step_…`` directory and renamed into place, so a kill during a save leaves the previous
-checkpoints intact and never shows a half-written one under a ``step_…`` name.
+augmentation generator, data-stream position). A run with sharded networks (FSDP) writes
+sharded checkpoints: each process also writes ``shard_XXXXX.pt``, its slices of the student,
+teacher and optimiser tensors (each split along its first dimension, in process order), and
+``model.pt`` records ``sharded`` (the number of shards) and holds everything else; ``load``
+joins the slices, so a sharded checkpoint reads like any other (export, a resume with another
+number of processes), and ``load(..., join=False)`` + ``load_shard`` give one process its own.
+
+A checkpoint is written to a hidden ``.tmp_step_…`` directory and renamed into place, so a kill
+during a save leaves the previous checkpoints intact and never shows a half-written one under a
+``step_…`` name.
 
 Loading never unpickles code: files are read with ``torch.load(weights_only=True)``, which
 accepts tensors and plain Python values only (a crafted file is refused, not run). Everything
@@ -65,6 +72,13 @@ def rank_file(path: str | Path, rank: int) -> Path:
     return Path(path) / f"rank_{rank:05d}.pt"
 
 
+def shard_file(path: str | Path, rank: int) -> Path:
+    return Path(path) / f"shard_{rank:05d}.pt"
+
+
+SHARDED_PARTS = ("student", "teacher", "optimizer")  # what a shard file holds slices of
+
+
 # ----------------------------------------------------------------------------- saving
 
 
@@ -93,12 +107,14 @@ def _nothing() -> None:
 
 
 def save(output_dir: str | Path, step: int, *, rank: int, rank_state: dict[str, Any],
-         model: dict[str, Any] | None, keep: int, barrier: Callable[[], None] = _nothing) -> Path:
-    """Write the checkpoint of ``step``; every process calls it with its own ``rank_state``,
-    process 0 also with ``model`` (the ``MODEL_KEYS`` but ``step``), and publishes it. ``barrier``
-    synchronises the processes (none needed in a single process). A checkpoint already under the
-    same name (left by a run continued from an earlier step) is replaced. Then only the newest
-    ``keep`` checkpoints are kept."""
+         model: dict[str, Any] | None, keep: int, barrier: Callable[[], None] = _nothing,
+         shard: dict[str, Any] | None = None) -> Path:
+    """Write the checkpoint of ``step``; every process calls it with its own ``rank_state``
+    (and ``shard``, its slices, when the networks are sharded), process 0 also with ``model``
+    (the ``MODEL_KEYS`` but ``step``), and publishes it. ``barrier`` synchronises the processes
+    (none needed in a single process). A checkpoint already under the same name (left by a run
+    continued from an earlier step) is replaced. Then only the newest ``keep`` checkpoints are
+    kept."""
     root = Path(output_dir) / CHECKPOINT_DIR
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_{final.name}"
@@ -111,6 +127,8 @@ def save(output_dir: str | Path, step: int, *, rank: int, rank_state: dict[str, 
         tmp.mkdir()
     barrier()
     _write(rank_state, rank_file(tmp, rank))
+    if shard is not None:
+        _write(shard, shard_file(tmp, rank))
     if main:
         _write({"step": step, **model}, tmp / MODEL_FILE)
     barrier()
@@ -166,8 +184,9 @@ def _read(path: Path, what: str) -> Any:
         raise CheckpointError(f"{path}: unreadable, damaged or truncated ({reason})") from None
 
 
-def load(path: str | Path) -> dict[str, Any]:
-    """``model.pt`` of a checkpoint directory: ``MODEL_KEYS`` (state dicts and plain values)."""
+def load(path: str | Path, *, join: bool = True) -> dict[str, Any]:
+    """``model.pt`` of a checkpoint directory: ``MODEL_KEYS`` (state dicts and plain values).
+    A sharded checkpoint's slices are joined into whole tensors (``join=False``: left out)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a checkpoint directory (OUTPUT/checkpoints/step_*/)")
@@ -176,7 +195,34 @@ def load(path: str | Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path / MODEL_FILE}: not a midnight-train checkpoint (no "
                               f"{', '.join(missing)})")
+    if join and state.get("sharded"):
+        _join_shards(path, state)
     return state
+
+
+def load_shard(path: str | Path, rank: int) -> dict[str, Any]:
+    """``shard_XXXXX.pt``: process ``rank``'s slices of a sharded checkpoint."""
+    file = shard_file(path, rank)
+    state = _read(file, f"process {rank}'s slices of the model and optimiser")
+    missing = [k for k in SHARDED_PARTS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{file}: not a midnight-train shard file (no {', '.join(missing)})")
+    return state
+
+
+def _join_shards(path: Path, state: dict[str, Any]) -> None:
+    """Whole tensors from the slices of every shard file, in ``state`` (in place): the
+    student's and teacher's entries, and the optimiser's per-parameter state."""
+    shards = [load_shard(path, rank) for rank in range(int(state["sharded"]))]
+    for part in ("student", "teacher"):
+        for name in shards[0][part]:
+            state[part][name] = torch.cat([s[part][name] for s in shards])
+    optimizer_state = state["optimizer"]["state"]
+    for index, slots in shards[0]["optimizer"].items():
+        for slot in slots:
+            optimizer_state.setdefault(index, {})[slot] = torch.cat(
+                [s["optimizer"][index][slot] for s in shards])
+    state["sharded"] = 0  # whole now
 
 
 def load_rank(path: str | Path, rank: int) -> dict[str, Any]:

@@ -149,7 +149,8 @@ def fit(config_path: str, overrides: tuple[str, ...], debug: bool) -> None:
     from midnight_prep.storage import StorageError
     from midnight_train.checkpoint import CheckpointError
     from midnight_train.config import ConfigError, load_config
-    from midnight_train.trainer import Preempted, RunError, Trainer
+    from midnight_train.trainer import Preempted, RunError
+    from midnight_train.trainer import fit as train
 
     try:
         cfg = load_config(config_path, overrides)
@@ -158,7 +159,7 @@ def fit(config_path: str, overrides: tuple[str, ...], debug: bool) -> None:
             raise
         raise click.UsageError(str(err)) from err
     try:
-        Trainer(cfg).fit()
+        train(cfg)
     except Preempted as err:  # the main process has printed why and what to do
         raise SystemExit(err.exit_code) from None
     except (RunError, CheckpointError, StorageError, FileNotFoundError, ValueError) as err:

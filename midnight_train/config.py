@@ -60,7 +60,11 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     log_every: int = 1
-    mixed_precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or no / bf16 / fp16
+    # auto: accelerate launch's choice if it made one, else bf16 on GPU, fp32 on CPU; or no /
+    # bf16 / fp16 (an explicit value wins over accelerate launch's)
+    mixed_precision: str = "auto"
+    # FSDP2: student and teacher sharded per ViT block (also `accelerate launch --use_fsdp`)
+    fsdp: bool = False
     cpu: bool = False  # force CPU even when a GPU is present
     tensorboard: bool = True
     progress: bool = True
@@ -257,6 +261,8 @@ RESUME_MAY_CHANGE = (
     "output_dir", "resume", "overwrite", "resume_allow_changes",
     "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
     "train.tensorboard", "train.progress",
+    # how the same model is laid out over the processes (sharded checkpoints load either way)
+    "train.fsdp",
     "data.timeout_s", "data.read_retry_s", "data.prefetch_factor",
     # evaluation during training reads the model, never changes it
     "eval.every", "eval.sets", "eval.methods", "eval.k", "eval.shots", "eval.repeats",

@@ -4,12 +4,18 @@ collapse monitors, and the optimiser's parameter groups."""
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch < 2.4: no FSDP2 either
+    DTensor = ()  # type: ignore[assignment,misc]
 
 from midnight_train.config import LossConfig
 from midnight_train.losses import (
@@ -34,10 +40,41 @@ def build_student_teacher(cfg: ModelConfig) -> tuple[SSLNetwork, SSLNetwork]:
     return student, teacher
 
 
+def shard_student_teacher(student: SSLNetwork, teacher: SSLNetwork, mesh,
+                          param_dtype: torch.dtype | None) -> None:
+    """Shard both networks with FSDP2 (``fully_shard``) over ``mesh``, in place: one unit per ViT
+    block, one for the rest of the backbone (patch embedding, tokens, final norm), one per head,
+    then the network. Every parameter is split along its first dimension the same way in both,
+    so each process's teacher shard pairs with its student shard for the EMA, with no
+    communication. ``param_dtype`` (bf16) is the compute precision of the gathered parameters;
+    the shards (master weights, optimiser state) stay fp32 and gradients are reduced in fp32.
+    The teacher reshards after every forward (it has no backward to do it)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for net, root_reshard in ((student, None), (teacher, True)):
+        units = [*net.backbone.vit.blocks, net.backbone, net.dino_head]
+        if net.ibot_head is not None:
+            units.append(net.ibot_head)
+        for unit in units:
+            fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+        fully_shard(net, mesh=mesh, mp_policy=policy, reshard_after_forward=root_reshard)
+    # The network's outputs are views (slices of the token tensor); nothing writes into them in
+    # place, which is what FSDP2 warns about on every run.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP2 parameter (a view: writing to it writes the parameter),
+    or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 class EMAPairs:
     """The teacher and student parameters in matching order (names and shapes checked once), for
-    ``ema_update``. Build it once per run: the lists stay valid while the modules keep their
-    parameter objects (``load_state_dict`` and ``.to(device)`` copy in place)."""
+    ``ema_update``; this process's shards when the networks are sharded. Build it once per run:
+    the lists stay valid while the modules keep their parameter objects (``load_state_dict``,
+    ``.to(device)`` and checkpoint loading copy in place)."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module):
         self.teacher: list[torch.Tensor] = []
@@ -47,8 +84,8 @@ class EMAPairs:
             if tn != sn or tp.shape != sp.shape:
                 raise RuntimeError(f"teacher/student parameter mismatch: {tn} "
                                    f"{tuple(tp.shape)} vs {sn} {tuple(sp.shape)}")
-            self.teacher.append(tp)
-            self.student.append(sp)
+            self.teacher.append(local_tensor(tp))
+            self.student.append(local_tensor(sp))
         self.cast = any(t.dtype != s.dtype for t, s in zip(self.teacher, self.student, strict=True))
 
 

@@ -17,14 +17,16 @@ then a checkpoint is written and ``Preempted`` ends the run (the CLI exits with 
 "preempted, resume with resume=auto"). A second signal exits at once. DataLoader workers are
 started with the stop signals blocked, so a signal to a whole process group does not kill them.
 
-Scale-out notes. DDP (the default under ``accelerate launch``/``torchrun``) replicates the
-student; the teacher is a plain module on every rank, updated by the same EMA, so it stays in
-sync without communication. For ViT-g on many GPUs an FSDP path works by ``accelerate launch
---use_fsdp`` (FULL_SHARD, auto-wrap ``timm.models.vision_transformer.Block``, ``use_orig_params``
-so the parameter groups survive); the teacher must then be wrapped the same way so that
-``ema_update`` pairs shards with shards, and checkpoints should go through
-``accelerator.get_state_dict``. Activation checkpointing (``model.grad_checkpointing``) is the
-first lever for memory; bf16 autocast is on by default on GPUs.
+Scale-out. DDP (the default under ``accelerate launch``/``torchrun``) replicates the student;
+the teacher is a plain module on every process, updated by the same EMA, so it stays in sync
+without communication. FSDP (``train.fsdp=true`` or ``accelerate launch --use_fsdp``) shards
+both with FSDP2 (``ssl.shard_student_teacher``: one unit per ViT block, every parameter split
+along its first dimension), so each process's teacher slices pair with its student slices for
+the EMA; bf16 compute, fp32 master weights and gradient reductions; checkpoints hold each
+process's slices (``checkpoint``: joined for export or another number of processes), and an
+``eval:`` section runs its forward passes on every process. Activation checkpointing
+(``model.grad_checkpointing``) is the first lever for memory; the precision follows
+``resolve_mixed_precision``.
 """
 
 from __future__ import annotations
@@ -53,12 +55,15 @@ from midnight_train.checkpoint import CHECKPOINT_DIR, CheckpointError, list_chec
 from midnight_train.config import RESUME_MAY_CHANGE, Config, config_changes, run_config, save_config
 from midnight_train.schedules import Schedules, scaled_lr
 from midnight_train.ssl import (
+    DTensor,
     EMAPairs,
     SSLObjective,
     apply_schedule,
     build_student_teacher,
     ema_update,
+    local_tensor,
     param_groups,
+    shard_student_teacher,
 )
 
 METRICS_FILE = "metrics.jsonl"
@@ -183,6 +188,46 @@ def resolve_mixed_precision(configured: str, *, cpu: bool,
     return default, auto + why
 
 
+def resolve_fsdp(configured: bool, environ: dict[str, str] | None = None) -> tuple[bool, str]:
+    """Whether to shard with FSDP, and which source decided: ``train.fsdp=true`` or
+    ``accelerate launch --use_fsdp`` (an Accelerate config with ``distributed_type: FSDP``),
+    which passes ``ACCELERATE_USE_FSDP=true`` to the processes. That variable is then removed,
+    so that Accelerate stays in data-parallel mode and the trainer's own FSDP2 layout
+    (``ssl.shard_student_teacher``) applies; Accelerate's FSDP_* options are not used."""
+    env = os.environ if environ is None else environ
+    launched = env.pop("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes")
+    if configured:
+        return True, "train.fsdp=true"
+    if launched:
+        return True, "accelerate launch --use_fsdp"
+    return False, ""
+
+
+def _device_mesh(acc: Accelerator):
+    """The 1-D mesh of all processes for FSDP2; a single process gets a process group of one."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if acc.device.type == "cuda" else "gloo",
+                                store=dist.HashStore(), rank=0, world_size=1)
+    return init_device_mesh(acc.device.type, (acc.num_processes,))
+
+
+def _split_sharded(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A sharded module's state dict -> (this process's slices, copied to the CPU; the rest)."""
+    own = {k: v.to_local().to("cpu", copy=True) for k, v in state.items()
+           if isinstance(v, DTensor)}
+    return own, {k: v for k, v in state.items() if k not in own}
+
+
+def _slice(whole: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Process ``rank``'s slice of a whole tensor as FSDP2 cuts it (``torch.chunk`` along the
+    first dimension; processes past the last chunk get an empty one)."""
+    chunks = torch.chunk(whole, world_size, dim=0)
+    return chunks[rank] if rank < len(chunks) else whole[:0]
+
+
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
             for k, v in batch.items()}
@@ -299,6 +344,10 @@ class Trainer:
         tc = cfg.train
         cpu = tc.cpu or not torch.cuda.is_available()
         mp, self.precision_source = resolve_mixed_precision(tc.mixed_precision, cpu=cpu)
+        self.fsdp, self.fsdp_source = resolve_fsdp(tc.fsdp)
+        if self.fsdp and mp == "fp16":
+            raise RunError(f"FSDP ({self.fsdp_source}) trains in bf16 or fp32, not fp16 "
+                           f"({self.precision_source}): set train.mixed_precision=bf16")
         self.output_dir = Path(cfg.output_dir)
         self.accelerator = Accelerator(
             cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=tc.grad_accum,
@@ -312,13 +361,24 @@ class Trainer:
         torch.manual_seed(tc.seed)
         self.student, self.teacher = build_student_teacher(cfg.model)
         self.objective = SSLObjective(cfg.model, cfg.loss)
-        self.student.to(acc.device)  # before the optimiser: its implementation depends on it
+        if self.fsdp:  # sharding moves each process's slices to its device
+            try:
+                shard_student_teacher(self.student, self.teacher, _device_mesh(acc),
+                                      torch.bfloat16 if mp == "bf16" else None)
+            except ImportError as err:
+                raise RunError(f"FSDP ({self.fsdp_source}) needs torch >= 2.6 "
+                               f"(torch.distributed.fsdp.fully_shard): {err}") from err
+        else:
+            self.student.to(acc.device)  # before the optimiser: its implementation depends on it
+            self.teacher.to(acc.device)
         groups = param_groups(self.student, tc.layerwise_decay, tc.patch_embed_lr_mult)
         self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(tc.betas),
                                            **adamw_implementation(groups))
-        self.teacher.to(acc.device)
         self.objective.to(acc.device)
-        self.student, self.optimizer = acc.prepare(self.student, self.optimizer)
+        if self.fsdp:
+            self.optimizer = acc.prepare(self.optimizer)
+        else:
+            self.student, self.optimizer = acc.prepare(self.student, self.optimizer)
         # Built once: per-step EMA is one multi-tensor op, without re-pairing parameters by name.
         self._ema_pairs = EMAPairs(self.teacher, acc.unwrap_model(self.student))
 
@@ -341,7 +401,8 @@ class Trainer:
             augment = ColorAugment(cfg.augment)
         self._make_loader, self.augment = make_loader, augment
         self.periodic_eval = None
-        if cfg.eval is not None and cfg.eval.every and self.is_main:
+        # Sharded, the teacher's forward needs every process: all of them evaluate.
+        if cfg.eval is not None and cfg.eval.every and (self.is_main or self.fsdp):
             from midnight_train.augment import AugmentConfig
             from midnight_train.periodic_eval import PeriodicEval
 
@@ -371,23 +432,35 @@ class Trainer:
                   file=sys.stderr if warning else sys.stdout, flush=True)
 
     def save_checkpoint(self) -> Path:
-        """Write the checkpoint of the current step (every process) and keep the newest K."""
+        """Write the checkpoint of the current step (every process) and keep the newest K.
+        Sharded (FSDP), every process writes its slices and model.pt holds the rest."""
         acc = self.accelerator
-        fingerprint = self._check_replicas_in_sync()
-        student_state = acc.get_state_dict(self.student)  # collective under FSDP
+        fingerprint = None if self.fsdp else self._check_replicas_in_sync()
+        shard = None
+        if self.fsdp:
+            student_own, student = _split_sharded(self.student.state_dict())
+            teacher_own, teacher = _split_sharded(self.teacher.state_dict())
+            optimizer = self.optimizer.state_dict()
+            slots = {i: _split_sharded(state) for i, state in optimizer["state"].items()}
+            optimizer = {**optimizer, "state": {i: rest for i, (_, rest) in slots.items()}}
+            shard = {"student": student_own, "teacher": teacher_own,
+                     "optimizer": {i: own for i, (own, _) in slots.items() if own}}
+        else:
+            student = acc.get_state_dict(self.student)
+            teacher, optimizer = self.teacher.state_dict(), self.optimizer.state_dict()
         model = None
         if self.is_main:
             model = {"world_size": self.world_size, "config": run_config(self.cfg),
                      "precision": self.accelerator.mixed_precision,
-                     "student": student_state, "teacher": self.teacher.state_dict(),
-                     "objective": self.objective.state_dict(),
-                     "optimizer": self.optimizer.state_dict()}
+                     "sharded": self.world_size if self.fsdp else 0,
+                     "student": student, "teacher": teacher,
+                     "objective": self.objective.state_dict(), "optimizer": optimizer}
         rank_state = {"step": self.step, "world_size": self.world_size, "rng": rng_states(),
                       "fingerprint": fingerprint, "augment_rng": self.aug_generator.get_state(),
                       "data": self.loader.state_dict() if self.loader is not None else None}
         return checkpoint.save(self.output_dir, self.step, rank=self.rank, rank_state=rank_state,
                                model=model, keep=self.cfg.train.keep_checkpoints,
-                               barrier=acc.wait_for_everyone)
+                               barrier=acc.wait_for_everyone, shard=shard)
 
     @torch.no_grad()
     def _check_replicas_in_sync(self) -> list[float]:
@@ -414,7 +487,11 @@ class Trainer:
         another number of processes); a CheckpointError on every process if any fails."""
         error = None
         try:
-            state = checkpoint.load(path)
+            state = checkpoint.load(path, join=False)
+            if self.fsdp and state.get("sharded") == self.world_size:
+                state["shard"] = checkpoint.load_shard(path, self.rank)  # this process's slices
+            elif state.get("sharded"):
+                state = checkpoint.load(path)  # whole tensors from all slices
             rank_state = None
             if state["world_size"] == self.world_size:
                 rank_state = checkpoint.load_rank(path, self.rank)
@@ -511,10 +588,13 @@ class Trainer:
     def load_checkpoint(self, path: Path, state: dict) -> None:
         """Restore model, teacher, optimiser, loss state and step from ``model.pt``'s state."""
         try:
-            self.accelerator.unwrap_model(self.student).load_state_dict(state["student"])
-            self.teacher.load_state_dict(state["teacher"])
+            if self.fsdp:
+                self._load_sharded(state)
+            else:
+                self.accelerator.unwrap_model(self.student).load_state_dict(state["student"])
+                self.teacher.load_state_dict(state["teacher"])
+                self.optimizer.load_state_dict(state["optimizer"])
             self.objective.load_state_dict(state["objective"])
-            self.optimizer.load_state_dict(state["optimizer"])
         except (RuntimeError, ValueError, KeyError) as err:
             # torch lists every mismatch after a header line: name the first one.
             lines = [line.strip() for line in str(err).splitlines() if line.strip()]
@@ -527,6 +607,48 @@ class Trainer:
             self._say(f"{path} was written by {state['world_size']} process(es), this run has "
                       f"{self.world_size}: the data stream and RNGs restart (seeded by the step), "
                       f"so the run does not continue exactly", warning=True)
+
+    @torch.no_grad()
+    def _load_sharded(self, state: dict) -> None:
+        """Fill the sharded networks and optimiser: from this process's own slices (a sharded
+        checkpoint of as many processes) or by cutting whole tensors (any other checkpoint)."""
+        own = state.get("shard") or {}
+        for part, net in (("student", self.student), ("teacher", self.teacher)):
+            whole, mine = state[part], own.get(part, {})
+            current = net.state_dict(keep_vars=True)
+            known = set(whole) | set(mine)
+            if known != set(current):
+                odd = sorted(known ^ set(current))
+                raise KeyError(f"{part}: Error(s) in loading state_dict\n"
+                               f"{len(odd)} mismatched key(s), e.g. {odd[0]}")
+            for name, tensor in current.items():
+                target = local_tensor(tensor)
+                if name in mine:
+                    value = mine[name]
+                elif isinstance(tensor, DTensor):
+                    value = _slice(whole[name], self.rank, self.world_size)
+                else:
+                    value = whole[name]
+                if value.shape != target.shape:
+                    raise RuntimeError(f"Error(s) in loading state_dict\nsize mismatch for "
+                                       f"{part}.{name}: {tuple(value.shape)} in the checkpoint, "
+                                       f"{tuple(target.shape)} here")
+                target.copy_(value)
+        saved = state["optimizer"]
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        slots: dict[int, dict[str, torch.Tensor]] = {}
+        for index, entries in saved["state"].items():
+            param = params[int(index)]
+            mine = own.get("optimizer", {}).get(index, {})
+            slots[index] = {}
+            for slot, value in {**entries, **mine}.items():
+                if isinstance(param, DTensor) and (slot in mine or value.shape == param.shape):
+                    local = value if slot in mine else _slice(value, self.rank, self.world_size)
+                    value = DTensor.from_local(local.to(param.device), param.device_mesh,
+                                               param.placements, shape=param.shape,
+                                               stride=param.stride(), run_check=False)
+                slots[index][slot] = value
+        self.optimizer.load_state_dict({"state": slots, "param_groups": saved["param_groups"]})
 
     def _metrics_until(self, step: int) -> list[str]:
         """metrics.jsonl lines up to ``step`` (later ones are redone). A torn last line (a kill
@@ -590,7 +712,13 @@ class Trainer:
             return self._loop(batches, stop_after)
         finally:
             stop.restore()
-            self.accelerator.end_training()
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+
+    def close(self) -> None:
+        """End the process's part in a multi-process run (the process group); a process that
+        trains again after ``fit`` (tests, notebooks) calls it only at the very end."""
+        self.accelerator.end_training()
 
     def _start(self) -> dict | None:
         """Resume (or not), claim output_dir, build the loader, write the run files; returns
@@ -640,15 +768,19 @@ class Trainer:
                   f"steps {self.step}->{tc.max_steps}, output {self.output_dir}", flush=True)
             print(f"precision: {acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}"
                   f" ({self.precision_source})", flush=True)
+            if self.fsdp:
+                print(f"FSDP ({self.fsdp_source}): student and teacher sharded over "
+                      f"{self.world_size} process(es), one unit per ViT block", flush=True)
         last: dict[str, float] = {}
         progress = _progress(tc.max_steps, self.step, enabled=self.is_main and tc.progress)
         try:
             while self.step < tc.max_steps:
                 last = self._train_step(batches)
                 if cfg.eval is not None and cfg.eval.every and self.step % cfg.eval.every == 0:
-                    if self.periodic_eval is not None:  # main process; the others wait
-                        last = {**(last or {"step": self.step}),
-                                **self.periodic_eval(self.teacher.backbone.vit)}
+                    if self.periodic_eval is not None:  # main process (all, sharded); others wait
+                        scores = self._evaluate()
+                        if self.is_main:
+                            last = {**(last or {"step": self.step}), **scores}
                     acc.wait_for_everyone()
                 if last and self.is_main:
                     with open(self.output_dir / METRICS_FILE, "a") as f:
@@ -677,6 +809,20 @@ class Trainer:
             print(f"done: metrics {self.output_dir / METRICS_FILE}, checkpoints "
                   f"{self._checkpoint_root()}", flush=True)
         return last
+
+    def _evaluate(self) -> dict[str, float]:
+        """``eval:`` scores of the teacher backbone. Sharded, every process runs the same
+        forward passes (each block gathers its weights from all of them) with the backbone's
+        own weights (patch embedding, tokens, final norm) gathered for the duration."""
+        assert self.periodic_eval is not None
+        if not self.fsdp:
+            return self.periodic_eval(self.teacher.backbone.vit)
+        backbone = self.teacher.backbone
+        backbone.unshard()
+        try:
+            return self.periodic_eval(backbone.vit)
+        finally:
+            backbone.reshard()
 
     def _preempted(self, path: Path) -> None:
         """Stop after a stop signal: every process reached the same step and saved ``path``."""
@@ -721,6 +867,8 @@ class Trainer:
                                    *extra])
                 reduced = acc.reduce(local, reduction="mean")  # one collective per micro-step
                 summed = reduced if summed is None else summed + reduced
+                if self.fsdp:  # reduce-scatter the gradients once, after the last micro-step
+                    self.student.set_requires_gradient_sync(acc.sync_gradients)
                 acc.backward(losses["loss"])
                 if acc.sync_gradients:
                     totals = summed.cpu()
@@ -729,6 +877,8 @@ class Trainer:
                     self._stop_agreed = bool(totals[-1] > 0)
                     grad_norm = acc.clip_grad_norm_(self.student.parameters(),
                                                     tc.clip_grad if tc.clip_grad > 0 else math.inf)
+                    if isinstance(grad_norm, DTensor):  # sharded: the norm of all slices
+                        grad_norm = grad_norm.full_tensor()
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
         ema_update(self.teacher, acc.unwrap_model(self.student), values.teacher_momentum,
@@ -780,4 +930,9 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def fit(cfg: Config, **kwargs) -> dict[str, float]:
-    return Trainer(cfg, **kwargs).fit()
+    """Train ``cfg`` in this process, then close it (``Trainer.close``)."""
+    trainer = Trainer(cfg, **kwargs)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

@@ -215,3 +215,109 @@ def test_two_nodes_split_the_data_and_stop_together_on_one_signal(shards, tmp_pa
         seen = [key for batch in keys(rank) for key in batch]
         assert len(seen) == len(set(seen))
         assert {shard_of[key] for key in seen} == owned, rank
+
+
+# ----------------------------------------------------------------------------- FSDP
+
+FSDP_RUNS = textwrap.dedent("""
+    # Both processes of a 2-process launch train several tiny runs one after another.
+    import sys
+    from train_fakes import make_trainer, tiny_config
+    from midnight_train.periodic_eval import EvalConfig
+
+    out, labelled = sys.argv[1], sys.argv[2]
+
+    def run(name, fsdp, *, stop_after=None, resume=None, evaluate=False):
+        cfg = tiny_config(f"{out}/{name}", train={"max_steps": 4, "checkpoint_every": 2,
+                                                  "fsdp": fsdp},
+                          model={"grad_checkpointing": True})  # activations recomputed
+        cfg.resume = resume
+        if evaluate:
+            cfg.eval = EvalConfig(every=2, sets=[{"name": "mag", "train": f"{labelled}/train",
+                                                  "test": f"{labelled}/test"}],
+                                  methods=["knn"], k=3)
+        trainer = make_trainer(cfg)
+        trainer.fit(stop_after=stop_after)
+        return trainer
+
+    run("fsdp", True, evaluate=True)  # sharded, evaluating every 2 steps
+    run("cut", True, stop_after=2)  # sharded, stopped after step 2 ...
+    run("cut", True, resume="auto")  # ... and continued
+    run("ddp", False)  # the same run, replicated
+    last = run("from_ddp", True, resume=f"{out}/ddp/checkpoints/step_00000002")  # whole -> slices
+    last.close()
+""")
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory, cmu_slide):
+    """Real tissue at two magnifications, as class folders (train and test)."""
+    from PIL import Image
+    from shardkit import tissue_tiles
+
+    root = tmp_path_factory.mktemp("labelled")
+    for i, tile in enumerate(tissue_tiles(cmu_slide, 8, size=112, seed=5)):
+        split = "train" if i < 5 else "test"
+        for label, img in (("fine", Image.fromarray(tile[28:84, 28:84])),
+                           ("coarse", Image.fromarray(tile).resize((56, 56)))):
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            img.save(root / split / label / f"{i}.png")
+    return root
+
+
+def test_fsdp_on_two_processes_matches_ddp_resumes_exactly_and_exports(tmp_path, labelled):
+    """FSDP2 with gloo on the CPU: student and teacher sharded per block over 2 processes."""
+    script = tmp_path / "fsdp_runs.py"
+    script.write_text(FSDP_RUNS)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+         "--master_port", str(free_port()), str(script), str(tmp_path), str(labelled)],
+        cwd=ROOT, env={**ENV, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"}, capture_output=True,
+        text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    assert "FSDP (train.fsdp=true): student and teacher sharded over 2 process(es)" in done.stdout
+
+    def rows(name, *, evals=False):
+        return [{k: v for k, v in r.items() if k not in VOLATILE and k.startswith("eval/") == evals
+                 or k == "step"} for r in metrics(tmp_path / name)]
+
+    # Sharded checkpoints: each process's slices, model.pt without the model's tensors.
+    last = list_checkpoints(tmp_path / "fsdp")[-1]
+    assert sorted(p.name for p in last.iterdir()) == [
+        "model.pt", "rank_00000.pt", "rank_00001.pt", "shard_00000.pt", "shard_00001.pt"]
+    head = checkpoint.load(last, join=False)
+    assert head["sharded"] == 2 and not any(v.dim() for v in head["teacher"].values())
+    slices = [checkpoint.load_shard(last, r)["teacher"]["backbone.vit.pos_embed"] for r in (0, 1)]
+    assert [tuple(s.shape) for s in slices] == [(1, 5, 32), (0, 5, 32)]  # split on dim 0
+
+    # The same training as replicated data parallel; resumed exactly; evaluation all along.
+    assert rows("fsdp") == rows("cut")
+    for a, b in zip(rows("fsdp"), rows("ddp"), strict=True):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    assert [r["step"] for r in rows("fsdp", evals=True) if "eval/mag/knn" in r] == [2, 4]
+    scores = [r["eval/mag/knn"] for r in metrics(tmp_path / "fsdp") if "eval/mag/knn" in r]
+    assert all(0 <= score <= 1 for score in scores)
+    whole = {name: checkpoint.load(list_checkpoints(tmp_path / name)[-1])
+             for name in ("fsdp", "cut", "ddp", "from_ddp")}
+    for name, value in whole["fsdp"]["teacher"].items():
+        assert torch.equal(value, whole["cut"]["teacher"][name]), name
+        for other in ("ddp", "from_ddp"):
+            assert torch.allclose(value, whole[other]["teacher"][name], atol=1e-6), (other, name)
+    for index, slots in whole["ddp"]["optimizer"]["state"].items():
+        assert slots["exp_avg"].shape == whole["fsdp"]["optimizer"]["state"][index]["exp_avg"].shape
+
+    # export reads the sharded checkpoint; a 1-process run continues it (whole tensors).
+    from midnight_train.export import export_backbone
+
+    folder = export_backbone(tmp_path / "fsdp", tmp_path / "export")
+    from safetensors.torch import load_file
+
+    exported = load_file(Path(folder) / "model.safetensors")
+    assert torch.equal(exported["pos_embed"], whole["fsdp"]["teacher"]["backbone.vit.pos_embed"])
+    from train_fakes import make_trainer, tiny_config
+
+    cfg = tiny_config(tmp_path / "one", train={"max_steps": 4, "checkpoint_every": 2},
+                      model={"grad_checkpointing": True})
+    cfg.resume = str(list_checkpoints(tmp_path / "fsdp")[0])
+    make_trainer(cfg).fit()
+    assert [r["step"] for r in metrics(tmp_path / "one")] == [3, 4]

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_fakes import make_trainer, tiny_config  # noqa: E402
 
 from midnight_train import checkpoint  # noqa: E402
-from midnight_train.trainer import RunError, resolve_mixed_precision  # noqa: E402
+from midnight_train.trainer import RunError, resolve_fsdp, resolve_mixed_precision  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +90,15 @@ def test_auto_takes_accelerate_launch_precision_and_resume_refuses_another(
     with pytest.raises(RunError, match=r"precision: 'bf16' -> 'no' \(train.mixed_precision=auto: "
                                        r"fp32 on the CPU\)"):
         make_trainer(cfg).fit()
+
+
+def test_fsdp_from_the_config_or_accelerate_launch():
+    launched = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}
+    assert resolve_fsdp(False, launched) == (True, "accelerate launch --use_fsdp")
+    # taken away: Accelerate stays data parallel and the trainer's own FSDP2 layout applies
+    assert launched == {"FSDP_VERSION": "2"}
+    assert resolve_fsdp(True, {}) == (True, "train.fsdp=true")
+    assert resolve_fsdp(False, {"ACCELERATE_USE_FSDP": "false"}) == (False, "")
 
 
 # ----------------------------------------------------------------------------- examples
