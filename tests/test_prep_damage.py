@@ -6,6 +6,7 @@ import json
 
 from click.testing import CliRunner
 
+from midnight_prep import jobstate
 from midnight_prep.cli import main
 
 ARGS = ["--tiles-per-slide", "12", "--mpp", "1,0.5", "--slides-per-job", "1", "--shard-size", "5"]
@@ -56,3 +57,15 @@ def test_damaged_jobs_are_found_and_redone(slide_dir, tmp_path):
     redone = prep("run", out, "--verify")
     assert redone.exit_code == 0 and "job-000001 is damaged" in redone.output
     assert digests(out) == clean
+
+
+def test_many_shards_are_sized_from_one_listing(slide_dir, tmp_path, monkeypatch):
+    """Past jobstate.LOOKUPS shards, sizes come from one listing of shards/ (a whole output on
+    object storage): the same verdicts."""
+    out = tmp_path / "out"
+    assert prep("build", slide_dir / "scan20x.tiff", "-o", out, *ARGS).exit_code == 0
+    monkeypatch.setattr(jobstate, "LOOKUPS", 0)
+    assert prep("status", out).exit_code == 0
+    (out / "shards" / "job-000000-0001.tar").unlink()
+    status = prep("status", out)
+    assert status.exit_code == 1 and "shard shards/job-000000-0001.tar is missing" in status.output

@@ -62,3 +62,15 @@ def test_sigterm_cleans_up(slide_dir, cmu_slide, tmp_path, workers):
     assert not list((out / "locks").glob("*.lock")) and not list(out.rglob("*.partial"))
     assert not list((out / "manifests").glob("*.json")) if (out / "manifests").exists() else True
     assert "Traceback" not in err
+
+
+def test_a_failed_publish_leaves_no_partial_file(tmp_path):
+    from midnight_prep.shards import publish
+
+    src = tmp_path / "shard.tar"
+    src.write_bytes(b"x" * 1000)
+    target = tmp_path / "out" / "shards" / "job-000000-0000.tar"
+    target.mkdir(parents=True)  # a directory in the way: the final rename fails
+    with pytest.raises(OSError):
+        publish(str(src), str(target))
+    assert [p.name for p in target.parent.iterdir()] == [target.name]
