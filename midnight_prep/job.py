@@ -295,26 +295,7 @@ def run_job(job: JobSpec, params: BuildParams, output: str, plan_sha256: str,
                 if progress:
                     progress("slides", 1)
 
-        order = slide_rng(params.seed, job.job_id, 0, purpose="shuffle").permutation(len(records))
-        written = []
-        with open(spill_path, "rb") as spill:
-            def samples(idx):
-                for i in idx:
-                    offset, size, key, meta = records[i]
-                    spill.seek(offset)
-                    yield key, spill.read(size), meta
-
-            for k, start in enumerate(range(0, len(order), params.shard_size)):
-                name = shards.shard_name(job.job_id, k)
-                local = os.path.join(tmp, f"shard-{k}.tar")
-                with open(local, "wb") as f:
-                    n = shards.write_tar(samples(order[start:start + params.shard_size]), f)
-                entry = {"name": name, "samples": n, "bytes": os.path.getsize(local),
-                         "sha256": shards.sha256_file(local)}
-                shards.publish(local, shards.join(output, name))
-                os.unlink(local)
-                written.append(entry)
-
+        written = _write_shards(job.job_id, params, output, tmp, spill_path, records)
         manifest = {
             "job_id": job.job_id,
             "plan_sha256": plan_sha256,
@@ -328,6 +309,43 @@ def run_job(job: JobSpec, params: BuildParams, output: str, plan_sha256: str,
         }
         shards.publish_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode(),
                              shards.join(output, shards.manifest_name(job.job_id)))
+        _remove_stale_shards(output, job.job_id, first=len(written))
         return manifest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_shards(job_id: str, params: BuildParams, output: str, tmp: str, spill_path: str,
+                  records: list[tuple[int, int, str, dict]]) -> list[dict]:
+    """Shuffle the job's tiles (by seed and job id) into shards, publish each; return their
+    manifest entries."""
+    order = slide_rng(params.seed, job_id, 0, purpose="shuffle").permutation(len(records))
+    written = []
+    with open(spill_path, "rb") as spill:
+        def samples(idx):
+            for i in idx:
+                offset, size, key, meta = records[i]
+                spill.seek(offset)
+                yield key, spill.read(size), meta
+
+        for k, start in enumerate(range(0, len(order), params.shard_size)):
+            name = shards.shard_name(job_id, k)
+            local = os.path.join(tmp, f"shard-{k}.tar")
+            with open(local, "wb") as f:
+                n = shards.write_tar(samples(order[start:start + params.shard_size]), f)
+            entry = {"name": name, "samples": n, "bytes": os.path.getsize(local),
+                     "sha256": shards.sha256_file(local)}
+            shards.publish(local, shards.join(output, name))
+            os.unlink(local)
+            written.append(entry)
+    return written
+
+
+def _remove_stale_shards(output: str, job_id: str, first: int) -> None:
+    """Delete shards an earlier run of this job wrote beyond the ``first`` it has now (a redone
+    job can have fewer tiles), so readers that glob *.tar see no stale tiles. Earlier runs
+    numbered theirs from 0 too, so the stale ones follow on without a gap."""
+    k = first
+    while shards.exists(shards.join(output, shards.shard_name(job_id, k))):
+        shards.remove(shards.join(output, shards.shard_name(job_id, k)))
+        k += 1

@@ -69,3 +69,17 @@ def test_many_shards_are_sized_from_one_listing(slide_dir, tmp_path, monkeypatch
     (out / "shards" / "job-000000-0001.tar").unlink()
     status = prep("status", out)
     assert status.exit_code == 1 and "shard shards/job-000000-0001.tar is missing" in status.output
+
+
+def test_a_redone_job_leaves_no_stale_shards(slide_dir, tmp_path):
+    """A redone job with fewer shards than an earlier run of it (a slide that gave tiles then
+    fails now, say) removes the earlier run's extra shards: a glob over shards/ sees no stale tiles."""
+    out = tmp_path / "out"
+    assert prep("build", slide_dir / "scan20x.tiff", "-o", out, *ARGS).exit_code == 0
+    clean = digests(out)
+    n = len(clean)
+    for k in (n, n + 1):  # what a bigger earlier run left
+        (out / "shards" / f"job-000000-{k:04d}.tar").write_bytes(b"stale")
+    (out / "manifests" / "job-000000.json").unlink()
+    assert prep("build", slide_dir / "scan20x.tiff", "-o", out, *ARGS).exit_code == 0
+    assert digests(out) == clean
