@@ -234,13 +234,17 @@ def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | 
       midnight-train embed exports/tiny s3://bucket/run/shards/job-000000-0000.tar
       midnight-train embed exports/tiny slides/*.svs --mpp 1,0.5 --tiles-per-slide 50 --out s.parquet
     """
+    from midnight_prep.plan import BuildParams, PlanError
     from midnight_train.embed import SlideSampling, embed_inputs
 
     try:
         sampling = SlideSampling(tuple(float(m) for m in mpps.split(",")), tiles_per_slide,
                                  tile_size, seed)
-    except ValueError as err:
-        raise click.UsageError(f"--mpp {mpps!r}: {err}") from err
+        BuildParams(mpps=sampling.mpps, tile_size=tile_size, seed=seed)  # the builder's checks
+    except (ValueError, PlanError) as err:
+        raise click.UsageError(f"whole-slide options: {err}") from err
+    if tiles_per_slide < 1:
+        raise click.UsageError("--tiles-per-slide must be ≥ 1")
 
     skipped: list[str] = []
     try:
