@@ -114,7 +114,7 @@ def _target(slide: Slide, fg: ForegroundMap, spec: SlideSpec, params: BuildParam
     if level is None:
         report.skipped_mpps[mkey] = (
             f"finest level is {slide.levels[0].mpp:.3g} µm/px, coarser than {mpp:g} µm/px "
-            "(never upsampled)")
+            f"by more than the {params.mpp_tolerance:.0%} allowed upsampling")
         return None
     extent = params.tile_size * mpp / slide.mpp
     cap = tile_cap(fg, slide, extent, params)

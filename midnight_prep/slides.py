@@ -223,8 +223,9 @@ class Slide:
         self._osr.close()
 
     def level_for(self, target_mpp: float, tolerance: float = DEFAULT_MPP_TOLERANCE) -> Level | None:
-        """The coarsest level whose µm/px is at most the target (within ``tolerance``), so a
-        read only ever downscales; None when even level 0 is too coarse (never upsample)."""
+        """The coarsest level whose µm/px is at most ``target_mpp * (1 + tolerance)``: a read
+        downscales, or upsamples by at most ``tolerance`` (5 % by default; a 0.26 µm/px scan
+        still gives 0.25 µm/px tiles); None when even level 0 is coarser than that."""
         usable = [lv for lv in self.levels if lv.mpp <= target_mpp * (1 + tolerance)]
         return max(usable, key=lambda lv: lv.mpp) if usable else None
 
