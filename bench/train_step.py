@@ -6,6 +6,8 @@ side by side with the bare backbone forward+backward of the same crops as the ba
     python bench/train_step.py --gpu           # GPU: ViT-B/14 batch 64 (bf16), ViT-g/14 batch 12
                                                #      (bf16, activation checkpointing), MFU
     python bench/train_step.py --arch vit_base_patch14_dinov2 --batch 8 --steps 5   # one row
+    python bench/train_step.py --arch vit_giant_patch14_dinov2 --batch 12 --checkpointing \
+        --prototypes 131072 --fsdp --steps 100 --max-seconds 60   # one row, FSDP, time-capped
 
 Two rows per model, each in its own process (so that the peak memory is its own):
 
@@ -35,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import resource
 import statistics
@@ -52,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from midnight_train.config import Config, LossConfig, TrainConfig  # noqa: E402
 from midnight_train.models import Backbone, ModelConfig, create_vit  # noqa: E402
+from midnight_train.trainer import LOSS_TERMS  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s; the first matching name wins.
 BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
@@ -148,6 +152,11 @@ def peak_tflops(name: str) -> float | None:
     return next((v for k, v in BF16_PEAK_TFLOPS if k in name), None)
 
 
+# --tiny: the same code path with a 2-block 64-d ViT and small heads (a dry run on the CPU).
+TINY = {"timm_kwargs": {"embed_dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0},
+        "head_hidden_dim": 128}
+
+
 def build_config(args, gpu: bool, data: BenchData) -> Config:
     giant = "giant" in args.arch
     return Config(
@@ -156,10 +165,11 @@ def build_config(args, gpu: bool, data: BenchData) -> Config:
                           grad_checkpointing=args.checkpointing,
                           head_n_prototypes=args.prototypes, ibot_separate_head=giant,
                           ibot_n_prototypes=args.prototypes,
-                          head_bottleneck_dim=384 if giant else 256),
+                          head_bottleneck_dim=384 if giant else 256,
+                          **(TINY if args.tiny else {})),
         loss=LossConfig(kde_weight=0.1),
         train=TrainConfig(max_steps=1000, tensorboard=False, progress=False, cpu=not gpu,
-                          mixed_precision="bf16" if gpu else "no"))
+                          mixed_precision="bf16" if gpu else "no", fsdp=args.fsdp))
 
 
 def setup_train_step(args, gpu: bool):
@@ -226,22 +236,34 @@ def run_one(args) -> dict:
     if gpu:
         sync()
         torch.cuda.reset_peak_memory_stats()
+    finite = True  # every loss term and the gradient norm of every step (train step mode)
+
+    def check(metrics) -> None:
+        nonlocal finite
+        if isinstance(metrics, dict):
+            values = [metrics[k] for k in (*LOSS_TERMS, "grad_norm") if k in metrics]
+            finite = finite and all(math.isfinite(v) for v in values)
+
     for _ in range(args.warmup):
-        step()
+        check(step())
     sync()
     times = []
+    began = time.perf_counter()
     for _ in range(args.steps):
         start = time.perf_counter()
-        step()
+        check(step())
         sync()
         times.append(time.perf_counter() - start)
+        if args.max_seconds and time.perf_counter() - began > args.max_seconds:
+            break  # enough for a median; keeps a time-boxed check in its box
     step_s = statistics.median(times)
     device = torch.cuda.get_device_name() if gpu else "cpu"
     result = {"arch": args.arch, "mode": args.mode, "device": device,
               "threads": torch.get_num_threads(), "batch": args.batch,
               "crops": f"2x{args.global_size} + {args.n_local}x{args.local_size}",
               "precision": "bf16" if gpu else "fp32", "checkpointing": args.checkpointing,
-              "steps": args.steps, "step_s": round(step_s, 4),
+              "fsdp": args.fsdp, "prototypes": args.prototypes, "finite": finite,
+              "steps": len(times), "step_s": round(step_s, 4),
               "step_s_min": round(min(times), 4), "step_s_max": round(max(times), 4),
               "images_per_s": round(args.batch / step_s, 2),
               "tflop_per_step": round(flops / 1e12, 4),
@@ -280,7 +302,8 @@ def markdown_table(rows: list[dict]) -> str:
     base = {r["arch"]: r["step_s"] for r in rows if r["mode"] == "backbone"}
     for r in rows:
         ratio = r["step_s"] / base[r["arch"]] if r["arch"] in base else None
-        prec = r["precision"] + (" + ckpt" if r["checkpointing"] else "")
+        prec = (r["precision"] + (" + ckpt" if r["checkpointing"] else "")
+                + (" + FSDP" if r.get("fsdp") else ""))
         cells = [short_name(r["arch"]), "train step" if r["mode"] == "step" else "backbone only",
                  str(r["batch"]), prec, f"{r['step_s']:.3f}",
                  f"{r['step_s_min']:.3f}-{r['step_s_max']:.3f}", f"{r['images_per_s']:.2f}",
@@ -305,6 +328,11 @@ def main() -> None:
     parser.add_argument("--n-local", type=int, default=8)
     parser.add_argument("--prototypes", type=int, default=65536)
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--fsdp", action="store_true", help="shard with FSDP2 (train.fsdp)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a 2-block 64-d ViT (checks the code path, e.g. on the CPU)")
+    parser.add_argument("--max-seconds", type=float,
+                        help="stop the timed steps after this long (at least one step)")
     parser.add_argument("--steps", type=int, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--peak-tflops", type=float, help="override the GPU's dense bf16 peak")
