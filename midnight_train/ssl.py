@@ -177,9 +177,12 @@ class SSLObjective(nn.Module):
         n_images = gc.shape[0]
         batch_size = n_images // 2
         n_local = lc.shape[0] // batch_size if lc is not None and lc.numel() else 0
+        # Both forwards under autocast: Accelerate's data-parallel wrapper would add it to the
+        # student's, a sharded student has none (FSDP's bf16 parameters alone would run norms
+        # and softmax in bf16). The losses take fp32 copies of what they read.
         with autocast():
             t = self.teacher_forward(teacher, gc, masks)
-        s = student(gc, lc, masks)
+            s = student(gc, lc, masks)
 
         t_dino = self.dino_targets(t["dino_logits"], teacher_temp)
         student_chunks = list(s["dino_logits"].chunk(2))

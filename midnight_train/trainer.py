@@ -357,30 +357,7 @@ class Trainer:
         )
         acc = self.accelerator
         self.rank, self.world_size = acc.process_index, acc.num_processes
-        # Same seed everywhere for initialisation (identical replicas), then per-rank streams.
-        torch.manual_seed(tc.seed)
-        self.student, self.teacher = build_student_teacher(cfg.model)
-        self.objective = SSLObjective(cfg.model, cfg.loss)
-        if self.fsdp:  # sharding moves each process's slices to its device
-            try:
-                shard_student_teacher(self.student, self.teacher, _device_mesh(acc),
-                                      torch.bfloat16 if mp == "bf16" else None)
-            except ImportError as err:
-                raise RunError(f"FSDP ({self.fsdp_source}) needs torch >= 2.6 "
-                               f"(torch.distributed.fsdp.fully_shard): {err}") from err
-        else:
-            self.student.to(acc.device)  # before the optimiser: its implementation depends on it
-            self.teacher.to(acc.device)
-        groups = param_groups(self.student, tc.layerwise_decay, tc.patch_embed_lr_mult)
-        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(tc.betas),
-                                           **adamw_implementation(groups))
-        self.objective.to(acc.device)
-        if self.fsdp:
-            self.optimizer = acc.prepare(self.optimizer)
-        else:
-            self.student, self.optimizer = acc.prepare(self.student, self.optimizer)
-        # Built once: per-step EMA is one multi-tensor op, without re-pairing parameters by name.
-        self._ema_pairs = EMAPairs(self.teacher, acc.unwrap_model(self.student))
+        self._build_models(mp)
 
         self.global_batch = cfg.data.batch_size * self.world_size * tc.grad_accum
         self.schedules = Schedules(
@@ -416,6 +393,35 @@ class Trainer:
         self._stop: StopSignals | None = None
         self._stop_agreed = False  # every process saw a stop signal's flag after this step
         self._starved = LoaderWatch(STARVED_FRACTION, STARVED_WINDOW)
+
+    def _build_models(self, mp: str) -> None:
+        """Student, teacher, loss state and optimiser on this process's device: replicated
+        (DDP) or sharded (FSDP), the optimiser over what this process holds."""
+        tc, acc = self.cfg.train, self.accelerator
+        # Same seed everywhere for initialisation (identical replicas), then per-rank streams.
+        torch.manual_seed(tc.seed)
+        self.student, self.teacher = build_student_teacher(self.cfg.model)
+        self.objective = SSLObjective(self.cfg.model, self.cfg.loss)
+        if self.fsdp:  # sharding moves each process's slices to its device
+            try:
+                shard_student_teacher(self.student, self.teacher, _device_mesh(acc),
+                                      torch.bfloat16 if mp == "bf16" else None)
+            except ImportError as err:
+                raise RunError(f"FSDP ({self.fsdp_source}) needs torch >= 2.6 "
+                               f"(torch.distributed.fsdp.fully_shard): {err}") from err
+        else:
+            self.student.to(acc.device)  # before the optimiser: its implementation depends on it
+            self.teacher.to(acc.device)
+        groups = param_groups(self.student, tc.layerwise_decay, tc.patch_embed_lr_mult)
+        self.optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(tc.betas),
+                                           **adamw_implementation(groups))
+        self.objective.to(acc.device)
+        if self.fsdp:
+            self.optimizer = acc.prepare(self.optimizer)
+        else:
+            self.student, self.optimizer = acc.prepare(self.student, self.optimizer)
+        # Built once: per-step EMA is one multi-tensor op, without re-pairing parameters by name.
+        self._ema_pairs = EMAPairs(self.teacher, acc.unwrap_model(self.student))
 
     # ------------------------------------------------------------------ state
 
@@ -770,7 +776,9 @@ class Trainer:
                   f" ({self.precision_source})", flush=True)
             if self.fsdp:
                 print(f"FSDP ({self.fsdp_source}): student and teacher sharded over "
-                      f"{self.world_size} process(es), one unit per ViT block", flush=True)
+                      f"{self.world_size} process(es), one unit per ViT block"
+                      + ("; Accelerate's fsdp_config options are not used"
+                         if "accelerate" in self.fsdp_source else ""), flush=True)
         last: dict[str, float] = {}
         progress = _progress(tc.max_steps, self.step, enabled=self.is_main and tc.progress)
         try:
