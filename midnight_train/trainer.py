@@ -506,7 +506,8 @@ class Trainer:
             if not self.is_main:  # process 0 only learns that some process failed
                 print(f"warning: process {self.rank}: {err}", file=sys.stderr, flush=True)
         if not self._everyone(error is None):
-            raise error or CheckpointError(f"{path}: another process's rank file is unreadable")
+            raise error or CheckpointError(f"{path}: another process's rank or shard file is "
+                                           f"unreadable")
         return state, rank_state
 
     def find_checkpoint(self) -> tuple[Path, dict, dict | None] | None:

@@ -319,3 +319,37 @@ def test_fsdp_on_two_processes_matches_ddp_resumes_exactly_and_exports(tmp_path,
     cfg.resume = str(list_checkpoints(tmp_path / "fsdp")[0])
     make_trainer(cfg).fit()
     assert [r["step"] for r in metrics(tmp_path / "one")] == [3, 4]
+
+
+@pytest.fixture
+def process_group_cleanup():
+    """A single-process FSDP run makes a process group of one: gone again after the test."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_a_damaged_shard_file_is_skipped_like_a_damaged_rank_file(
+        tmp_path, capsys, process_group_cleanup):
+    from train_fakes import make_trainer, tiny_config
+
+    def config(**extra):
+        cfg = tiny_config(tmp_path / "run", train={"max_steps": 3, "checkpoint_every": 1,
+                                                   "keep_checkpoints": 3, "fsdp": True})
+        for key, value in extra.items():
+            setattr(cfg, key, value)
+        return cfg
+
+    make_trainer(config()).fit(stop_after=2)
+    damaged = list_checkpoints(tmp_path / "run")[-1]
+    checkpoint.shard_file(damaged, 0).write_bytes(b"\x80\x02garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="shard_00000.pt: unreadable"):
+        checkpoint.load(damaged)
+    capsys.readouterr()
+    make_trainer(config(resume="auto")).fit()
+    said = capsys.readouterr()
+    assert f"skipped damaged checkpoint: {damaged}/shard_00000.pt: unreadable" in said.err
+    assert "(step 1)" in said.out
+    assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
