@@ -125,6 +125,24 @@ def read_tar(path: str | Path) -> list[tuple[str, dict[str, bytes]]]:
     return list(read_shard(str(path)))
 
 
+def magnification_classes(root: str | Path, slide_path: str | Path, n_train: int, n_test: int,
+                          size: int, seed: int = 0) -> Path:
+    """Labelled real tissue in class folders root/{train,test}/{fine,coarse}/i.png: the centre
+    half of a tile (full resolution) and the whole tile 2x coarser, both size/2 px."""
+    from PIL import Image
+
+    root = Path(root)
+    tiles = tissue_tiles(slide_path, n_train + n_test, size=size, seed=seed)
+    q, half = size // 4, size // 2
+    for split, part in (("train", tiles[:n_train]), ("test", tiles[n_train:])):
+        for i, tile in enumerate(part):
+            for label, img in (("fine", Image.fromarray(tile[q:q + half, q:q + half])),
+                               ("coarse", Image.fromarray(tile).resize((half, half), Image.Resampling.BOX))):
+                (root / split / label).mkdir(parents=True, exist_ok=True)
+                img.save(root / split / label / f"{i}.png")
+    return root
+
+
 def truncate(path: str | Path, keep_fraction: float) -> Path:
     """Cut a shard file short in the middle of a member, as an interrupted upload would."""
     path = Path(path)

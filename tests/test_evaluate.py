@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import shardkit
 from click.testing import CliRunner
-from PIL import Image
 
 from midnight_train.cli import main
 from midnight_train.evaluate import balanced_accuracy, evaluate, few_shot, knn_predict
@@ -70,13 +69,7 @@ def test_few_shot_is_repeatable_per_seed():
 def test_eval_command_on_real_tiles(tmp_path, cmu_slide, tiny_export):
     """Which magnification was a tissue tile cut at: class folders of real CMU tiles at full
     resolution and 4x coarser; also the same embeddings given as .npz."""
-    tiles = shardkit.tissue_tiles(cmu_slide, 48, size=128, seed=3)
-    for split, part in (("train", tiles[:32]), ("test", tiles[32:])):
-        for i, tile in enumerate(part):
-            for label, img in (("fine", Image.fromarray(tile[32:96, 32:96])),
-                               ("coarse", Image.fromarray(tile).resize((64, 64), Image.Resampling.BOX))):
-                (tmp_path / split / label).mkdir(parents=True, exist_ok=True)
-                img.save(tmp_path / split / label / f"{i}.png")
+    shardkit.magnification_classes(tmp_path, cmu_slide, 32, 16, size=128, seed=3)
     (tmp_path / "test" / "fine" / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "results.json"
     result = CliRunner().invoke(main, ["eval", str(tiny_export), "--train", str(tmp_path / "train"),

@@ -8,7 +8,6 @@ import json
 import pytest
 import shardkit
 import torch
-from PIL import Image
 from train_fakes import make_trainer, tiny_config
 
 from midnight_train import checkpoint
@@ -23,15 +22,8 @@ def read_metrics(out):
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory, cmu_slide):
     """Real tissue at two magnifications, as class folders (train and test)."""
-    root = tmp_path_factory.mktemp("labelled")
-    tiles = shardkit.tissue_tiles(cmu_slide, 16, size=112, seed=5)
-    for split, part in (("train", tiles[:10]), ("test", tiles[10:])):
-        for i, tile in enumerate(part):
-            for label, img in (("fine", Image.fromarray(tile[28:84, 28:84])),
-                               ("coarse", Image.fromarray(tile).resize((56, 56), Image.Resampling.BOX))):
-                (root / split / label).mkdir(parents=True, exist_ok=True)
-                img.save(root / split / label / f"{i}.png")
-    return root
+    return shardkit.magnification_classes(tmp_path_factory.mktemp("labelled"), cmu_slide, 10, 6,
+                                          size=112, seed=5)
 
 
 def config(out, labelled, every):
