@@ -304,6 +304,8 @@ def run_job(job: JobSpec, params: BuildParams, output: str, plan_sha256: str,
             "slides": [report.__dict__ for report in reports],
             "errors": [{"slide_id": r.slide_id, "source": r.source, "error": r.error}
                        for r in reports if r.status == "failed"],
+            "started_at": round(started, 3),  # epoch seconds: `status` derives throughput
+            "finished_at": round(time.time(), 3),
             "seconds": round(time.time() - started, 3),
             "cpu_seconds": round(time.process_time() - cpu_started, 3),
         }
