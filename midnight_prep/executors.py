@@ -47,7 +47,8 @@ def build_job(job: JobSpec, params: BuildParams, output: str, plan_sha256: str, 
                 raise RuntimeError(f"{shards.manifest_name(job.job_id)} {state.why} (written while "
                                    "this build ran); check who else writes to this output")
         shards.remove_partials(output, job.job_id)
-        return Outcome(job.job_id, run_job(job, params, output, plan_sha256, progress), ran=True)
+        return Outcome(job.job_id, run_job(job, params, output, plan_sha256, lock.counting(progress)),
+                       ran=True)
     finally:
         lock.release()
 

@@ -5,7 +5,8 @@ A lock is a small JSON file `OUT/locks/JOB.lock` with its owner's host, pid, a r
 start time, made by an exclusive create: a hard link of a finished temporary file locally (one
 of two creators fails; link is atomic on local disks, NFS and the usual cluster filesystems), a
 conditional PUT (`If-None-Match: *`, sent by s3fs) on object storage. The owner refreshes the
-lock's modification time every HEARTBEAT_S. A lock is stale, and is taken over, when its owner
+lock's modification time every HEARTBEAT_S, rewriting it with the job's progress so far (slides
+and tiles done, for `status`) when that changed. A lock is stale, and is taken over, when its owner
 ran on this host and is gone, or when it has not been refreshed for STALE_S (an owner on
 another machine that died).
 
@@ -23,12 +24,14 @@ import secrets
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import fsspec
 
-from .shards import create_new, is_local, join, local_path
+from .shards import _partial, create_new, is_local, join, local_path
 
 LOCK_DIR = "locks"
 HEARTBEAT_S = 60.0
@@ -122,40 +125,100 @@ def live_holder(url: str) -> dict | None:
     return found[0]
 
 
-def all_locks(output: str) -> dict[str, tuple[dict, bool]]:
-    """job_id -> (holder, stale) for every lock under ``output`` (one listing)."""
+@dataclass
+class LockInfo:
+    holder: dict  # host, pid, since, and "progress" once its first heartbeat carried some
+    age_s: float  # seconds since the last heartbeat
+    stale: bool
+
+
+def _modified_age(entry: dict) -> float | None:
+    """Seconds since an fsspec listing entry was modified (object stores: LastModified)."""
+    modified = entry.get("LastModified") or entry.get("last_modified") or entry.get("mtime")
+    if isinstance(modified, (int, float)):
+        return time.time() - modified
+    if isinstance(modified, datetime):
+        if modified.tzinfo is None:
+            modified = modified.replace(tzinfo=timezone.utc)
+        return (datetime.now(timezone.utc) - modified).total_seconds()
+    return None
+
+
+def read_locks(output: str) -> dict[str, LockInfo]:
+    """job_id -> LockInfo for every lock under ``output``: one listing and one batched read,
+    so `status` stays quick with hundreds of builders on object storage."""
     fs, base = fsspec.core.url_to_fs(join(output, LOCK_DIR))
     fs.invalidate_cache()
     try:
-        names = [n.rsplit("/", 1)[-1] for n in fs.ls(base, detail=False)]
+        entries = [e for e in fs.ls(base, detail=True) if e["name"].endswith(".lock")]
     except FileNotFoundError:
         return {}
+    blobs = fs.cat([e["name"] for e in entries], on_error="return") if entries else {}
     found = {}
-    for name in sorted(n for n in names if n.endswith(".lock")):
-        job_id = name[:-len(".lock")]
-        read = _read(lock_url(output, job_id))
-        if read is not None:
-            found[job_id] = (read[0], is_stale(*read))
+    for entry in sorted(entries, key=lambda e: e["name"]):
+        job_id = entry["name"].rsplit("/", 1)[-1][:-len(".lock")]
+        blob = blobs.get(entry["name"])
+        age = _modified_age(entry)
+        if not isinstance(blob, bytes) or age is None:  # released meanwhile, or no date listed
+            read = _read(lock_url(output, job_id))
+            if read is None:
+                continue
+            holder, age = read
+        else:
+            try:
+                holder = json.loads(blob)
+            except ValueError:
+                holder = {}
+            holder = holder if isinstance(holder, dict) else {}
+        found[job_id] = LockInfo(holder, max(0.0, age), is_stale(holder, age))
     return found
+
+
+def all_locks(output: str) -> dict[str, tuple[dict, bool]]:
+    """job_id -> (holder, stale) for every lock under ``output``."""
+    return {job_id: (info.holder, info.stale) for job_id, info in read_locks(output).items()}
 
 
 @dataclass
 class Lock:
     url: str
     owner: dict
+    progress: dict[str, int] = field(default_factory=lambda: {"slides": 0, "tiles": 0})
+    _written: dict[str, int] = field(default_factory=dict)  # the progress the lock file holds
 
     def holds(self) -> bool:
         found = _read(self.url)
         return found is not None and found[0].get("token") == self.owner["token"]
 
+    def counting(self, progress: Callable[[str, int], None] | None) -> Callable[[str, int], None]:
+        """A job progress callback that also counts slides and tiles done into this lock (the
+        next heartbeat writes them), then calls ``progress``."""
+        def report(kind: str, n: int) -> None:
+            if kind in self.progress:
+                self.progress[kind] += n
+            if progress:
+                progress(kind, n)
+        return report
+
     def refresh(self) -> None:
         if not self.holds():
             return  # taken over (we looked dead): leave the new owner's lock alone
-        if is_local(self.url):
-            os.utime(local_path(self.url))
-        else:
+        now = dict(self.progress)
+        data = json.dumps({**self.owner, "progress": now}).encode()
+        if not is_local(self.url):
             fs, path = fsspec.core.url_to_fs(self.url)
-            fs.pipe_file(path, json.dumps(self.owner).encode())
+            fs.pipe_file(path, data)
+        elif now == self._written:
+            os.utime(local_path(self.url))
+        else:  # a new file renamed over the lock: readers see the old one or the new one
+            fd, tmp = _partial(Path(local_path(self.url)))
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, local_path(self.url))
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+        self._written = now
 
     def release(self) -> None:
         _HEARTBEAT.forget(self)
