@@ -14,6 +14,7 @@ from . import locks, shards
 from .executors import run_jobs, sigterm_exits
 from .jobstate import JobState, check_jobs, foreign_message, other_manifests
 from .plan import BuildParams, Plan, PlanError, make_plan
+from .progress import format_status, run_status
 from .report import format_summary, summarize
 
 
@@ -383,8 +384,10 @@ def run(plan_source, workers, task, num_tasks, job_ids, verify, retry_failed) ->
 @VERIFY
 @one_line_errors
 def status(plan_source, as_json, verify) -> None:
-    """What is done, what is left, what failed, what is damaged (missing or truncated shards)
-    and who is working on what. Exit status 1 when something failed or is damaged. For example:
+    """What is done, running, left, failed and damaged (missing or truncated shards), who is
+    working on what (lock heartbeats, with their slides and tiles so far), tiles per µm/px,
+    throughput and a projected finish; readable while builders run on other machines. Exit
+    status 1 when something failed or is damaged. For example:
 
     \b
     midnight-prep status out/
@@ -395,7 +398,7 @@ def status(plan_source, as_json, verify) -> None:
     try:
         states = check_jobs(plan.output, plan.sha256(), [j.job_id for j in plan.jobs], verify)
         others = other_manifests(plan.output, {j.job_id for j in plan.jobs})
-        held = locks.all_locks(plan.output)
+        held = locks.read_locks(plan.output)
     except OSError as e:
         raise click.ClickException(f"cannot read {plan.output}: {e}") from e
     finished = [s.manifest for s in states.values() if s.kind == "done"]
@@ -403,27 +406,31 @@ def status(plan_source, as_json, verify) -> None:
     foreign = [s for s in states.values() if s.kind == "foreign"]
     damaged = [s for s in states.values() if s.kind == "damaged"]
     summary = summarize(finished)
+    flight = run_status(plan, states, held)
     if as_json:
         click.echo(json.dumps({"jobs": len(plan.jobs), "done": len(finished), "left": left,
                                "samples": summary["samples"], "failed": summary["failed"],
                                "damaged": {s.job_id: s.why for s in damaged},
                                "foreign": {s.job_id: s.why for s in foreign},
                                "other_manifests": others,
-                               "locks": {job_id: {**holder, "stale": stale}
-                                         for job_id, (holder, stale) in held.items()}}, indent=1))
+                               "locks": {job_id: {**info.holder, "stale": info.stale,
+                                                  "heartbeat_age_s": round(info.age_s, 1)}
+                                         for job_id, info in held.items()},
+                               **flight}, indent=1))
     else:
         click.echo(f"{len(finished)}/{len(plan.jobs)} jobs done, {len(left)} left"
                    + (f" (first: {', '.join(left[:5])})" if left else ""))
-        for job_id, (holder, stale) in held.items():
-            click.echo(f"  {job_id}: " + (f"stale lock of {locks.describe(holder)} (its builder is gone; the "
-                                          "next run takes it over)" if stale else
-                                          f"being built by {locks.describe(holder)}"))
+        click.echo("\n".join(format_status(flight)))
+        for job_id, info in held.items():
+            if info.stale:
+                click.echo(f"  {job_id}: stale lock of {locks.describe(info.holder)} (its builder is "
+                           "gone; the next run takes it over)")
         if damaged:
             click.echo(f"  damaged ({len(damaged)}; `midnight-prep run {plan_source}` redoes them):")
             click.echo("\n".join(f"    {s.job_id}: {s.why}" for s in damaged[:20]))
         if foreign or others:
             click.echo(foreign_message(plan.output, foreign, others).replace(", so nothing was run", ""))
-        click.echo(format_summary(summary))
+        click.echo(format_summary(summary, brief=True))
     sys.exit(1 if summary["failed"] or damaged or foreign or others else 0)
 
 

@@ -32,16 +32,18 @@ def summarize(manifests: list[dict]) -> dict:
             "shortfalls": shortfalls, "cpu_seconds": cpu}
 
 
-def format_summary(summary: dict, wall_seconds: float | None = None, limit: int = 20) -> str:
+def format_summary(summary: dict, wall_seconds: float | None = None, limit: int = 20,
+                   brief: bool = False) -> str:
+    """``brief`` leaves out the tiles per µm/px and throughput lines (`status` has its own)."""
     lines = [f"{summary['samples']} tiles in {summary['shards']} shards from {summary['jobs']} jobs"]
     mpps = sorted(summary["asked"], key=float, reverse=True)
-    if mpps:
+    if mpps and not brief:
         lines.append("  tiles per µm/px: " + ", ".join(
             f"{m}: {summary['written'][m]}/{summary['asked'][m]}" for m in mpps))
     if summary["rejected"]:
         lines.append("  rejected candidates: " + ", ".join(
             f"{k}: {v}" for k, v in sorted(summary["rejected"].items())))
-    if summary["cpu_seconds"] > 0:
+    if summary["cpu_seconds"] > 0 and not brief:
         lines.append(f"  throughput: {summary['samples'] / summary['cpu_seconds']:.1f} tiles/s per core"
                      + (f", {summary['samples'] / wall_seconds:.1f} tiles/s overall"
                         if wall_seconds else ""))
