@@ -10,7 +10,7 @@ import time
 import click
 from tqdm import tqdm
 
-from . import locks, shards
+from . import locks, shards, storage
 from .executors import run_jobs, sigterm_exits
 from .jobstate import JobState, check_jobs, foreign_message, other_manifests
 from .plan import BuildParams, Plan, PlanError, make_plan
@@ -101,6 +101,10 @@ def _job_states(plan: Plan, jobs, whole_output: bool = False, verify: bool = Fal
     if foreign or others:
         raise click.UsageError(foreign_message(plan.output, foreign, others))
     return states
+
+
+def _plan_folder(source: str) -> str:
+    return shards.folder_of(source) if source.endswith(".json") else source
 
 
 def _load_plan(source: str) -> Plan:
@@ -260,6 +264,33 @@ def _verdict(jobs, done: dict, ran: list[dict], jobs_failed: bool) -> int:
     return 1 if jobs_failed or failed or empty else 0
 
 
+def _storage_options(ctx, param, value: str | None) -> dict | None:
+    if value is None:
+        return None
+    try:
+        options = json.loads(value)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON ({e})") from e
+    if not isinstance(options, dict):
+        raise click.BadParameter('expected a JSON object, like {"client_kwargs": {"endpoint_url": "http://host:8333"}}')
+    return options
+
+
+STORAGE_OPTIONS = click.option(
+    "--storage-options", callback=_storage_options, metavar="JSON",
+    help="fsspec options for the output's storage (JSON object), e.g. "
+         '\'{"client_kwargs": {"endpoint_url": "https://s3.example.org"}}\'. The standard AWS '
+         "variables and files (AWS_ENDPOINT_URL, AWS_PROFILE, ~/.aws) are read anyway; prefer them "
+         "for secrets (a command line is visible to other users). Never written to the output.")
+
+
+def _use_storage(url: str, options: dict | None) -> None:
+    """Apply --storage-options for ``url`` and look at it once (seconds, not the retry budget):
+    a server that is down, refused credentials or a missing bucket end the command here."""
+    storage.configure(url, options)
+    storage.probe(url)
+
+
 def one_line_errors(command):
     """Add --debug; without it an unexpected error ends as one line (what failed, and the hint),
     not a Python traceback."""
@@ -271,6 +302,10 @@ def one_line_errors(command):
             return command(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except storage.StorageError as e:  # already one paragraph: where, and what to check
+            if debug:
+                raise
+            raise click.ClickException(str(e)) from e
         except Exception as e:
             if debug:
                 raise
@@ -317,8 +352,9 @@ RETRY_FAILED = click.option("--retry-failed", is_flag=True,
               help="Local worker processes.")
 @VERIFY
 @RETRY_FAILED
+@STORAGE_OPTIONS
 @one_line_errors
-def build(workers, verify, retry_failed, **options) -> None:
+def build(workers, verify, retry_failed, storage_options, **options) -> None:
     """Plan and run: sample tiles from INPUTS (slide files, directories, or CSV slide lists with
     columns path[,slide_id,mpp,group]) into shards under --output. Resumable: run it again after
     any interruption and only the unfinished (or damaged) jobs are redone. Exit status 1 while a
@@ -330,6 +366,7 @@ def build(workers, verify, retry_failed, **options) -> None:
     midnight-prep build slides/ --output out/ --tile-size 512 --mpp 0.5,0.25 --seed 1
     midnight-prep build slides/ --output out/ --retry-failed   # after fixing a failed slide
     """
+    _use_storage(options["output"], storage_options)
     plan = _plan_from_options(**options)
     _store_plan(plan)
     sys.exit(_execute(plan, plan.jobs, workers, verify, retry_failed, whole_output=True))
@@ -337,8 +374,9 @@ def build(workers, verify, retry_failed, **options) -> None:
 
 @main.command("plan")
 @plan_options
+@STORAGE_OPTIONS
 @one_line_errors
-def plan_cmd(**options) -> None:
+def plan_cmd(storage_options, **options) -> None:
     """Write OUTPUT/plan.json (the jobs, their slides and quotas) without running anything;
     then `midnight-prep run` it, anywhere and in any number of pieces. For example:
 
@@ -346,6 +384,7 @@ def plan_cmd(**options) -> None:
     midnight-prep plan slides.csv --output s3://bucket/tcga --total-tiles 100000000
     midnight-prep plan slides/ --output out/ --tiles-per-slide 2000 --slides-per-job 16
     """
+    _use_storage(options["output"], storage_options)
     plan = _plan_from_options(**options)
     url = _store_plan(plan)
     click.echo(f"{len(plan.jobs)} jobs, {len(plan.slides)} slides, "
@@ -361,8 +400,9 @@ def plan_cmd(**options) -> None:
 @click.option("--jobs", "job_ids", help="Only these job ids (comma-separated).")
 @VERIFY
 @RETRY_FAILED
+@STORAGE_OPTIONS
 @one_line_errors
-def run(plan_source, workers, task, num_tasks, job_ids, verify, retry_failed) -> None:
+def run(plan_source, workers, task, num_tasks, job_ids, verify, retry_failed, storage_options) -> None:
     """Run the unfinished jobs of a plan (PLAN_SOURCE: plan.json or the output it lives in).
     Results go to the folder the plan is in. Jobs are locked while they run: several tasks or
     machines may share a plan, and a job another builder is working on is waited for. For
@@ -374,6 +414,7 @@ def run(plan_source, workers, task, num_tasks, job_ids, verify, retry_failed) ->
         --num-tasks $SLURM_ARRAY_TASK_COUNT --workers $SLURM_CPUS_PER_TASK
     midnight-prep run out/ --jobs job-000003,job-000007 --verify
     """
+    _use_storage(_plan_folder(plan_source), storage_options)
     plan = _load_plan(plan_source)
     sys.exit(_execute(plan, _select(plan, task, num_tasks, job_ids), workers, verify, retry_failed))
 
@@ -382,8 +423,9 @@ def run(plan_source, workers, task, num_tasks, job_ids, verify, retry_failed) ->
 @click.argument("plan_source")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @VERIFY
+@STORAGE_OPTIONS
 @one_line_errors
-def status(plan_source, as_json, verify) -> None:
+def status(plan_source, as_json, verify, storage_options) -> None:
     """What is done, running, left, failed and damaged (missing or truncated shards), who is
     working on what (lock heartbeats, with their slides and tiles so far), tiles per µm/px,
     throughput and a projected finish; readable while builders run on other machines. Exit
@@ -394,6 +436,7 @@ def status(plan_source, as_json, verify) -> None:
     midnight-prep status s3://bucket/tcga --json
     midnight-prep status out/ --verify   # also compare every shard's sha256
     """
+    _use_storage(_plan_folder(plan_source), storage_options)
     plan = _load_plan(plan_source)
     try:
         states = check_jobs(plan.output, plan.sha256(), [j.job_id for j in plan.jobs], verify)

@@ -14,7 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from . import locks, shards
+from . import locks, shards, storage
 from .job import clean_stale_scratch, run_job
 from .jobstate import check_jobs
 from .plan import BuildParams, JobSpec
@@ -68,9 +68,10 @@ def sigterm_exits():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _init_worker(q) -> None:
+def _init_worker(q, storage_conf: dict) -> None:
     global _progress_queue
     _progress_queue = q
+    storage.apply_worker_config(storage_conf)  # --storage-options: spawned workers start without them
     signal.signal(signal.SIGTERM, _exit)
 
 
@@ -110,7 +111,7 @@ def run_jobs(jobs: list[JobSpec], params: BuildParams, output: str, plan_sha256:
     ctx = mp.get_context("spawn")
     q = ctx.Manager().Queue()
     with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=ctx, initializer=_init_worker,
-                             initargs=(q,)) as pool:
+                             initargs=(q, storage.worker_config())) as pool:
         pending = {pool.submit(_build_in_worker, job, params, output, plan_sha256, job.job_id in redo): job
                    for job in jobs}
         try:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import fsspec
 
+from . import storage
+
 # The contract with the trainer and with outside checks: every sample's JSON has these fields.
 META_FIELDS = ("slide_id", "source", "mpp", "x", "y", "extent", "level", "read_size",
                "tile_size", "foreground", "hsv_fraction", "group", "seed")
@@ -106,7 +108,8 @@ def _partial(target: Path) -> tuple[int, str]:
 
 def publish(local_file: str, url: str) -> None:
     """Move a finished local file to ``url`` so that readers never see it half-written: a rename
-    within the target directory locally, a single PUT (atomic) on object storage."""
+    within the target directory locally; on object storage one PUT (atomic), retried on
+    transient errors for up to `storage.retry_budget()` and checked by the stored size."""
     if is_local(url):
         target = Path(local_path(url))
         fd, tmp = _partial(target)
@@ -122,7 +125,25 @@ def publish(local_file: str, url: str) -> None:
             raise
         return
     fs, path = fsspec.core.url_to_fs(url)
-    fs.put_file(local_file, path)
+    size = os.path.getsize(local_file)
+
+    def put() -> None:
+        fs.put_file(local_file, path)
+        fs.invalidate_cache(path)
+        stored = int(fs.info(path)["size"])
+        if stored != size:
+            raise storage.IncompleteUpload(f"{url} holds {stored} bytes after the upload, not {size}")
+
+    try:
+        storage.retrying(put, url, "write")
+    except Exception:
+        # A failed upload leaves nothing (a large one's parts are aborted by s3fs): remove what
+        # a wrong-size try may have stored, if the server lets us.
+        try:
+            fs.rm_file(path)
+        except Exception:
+            pass
+        raise
 
 
 def publish_bytes(data: bytes, url: str) -> None:
@@ -174,23 +195,33 @@ def remove_partials(output: str, job_id: str) -> None:
             leftover.unlink(missing_ok=True)
 
 
+def _retried(action: Callable, url: str, doing: str):
+    """``action()``, retried on transient errors when ``url`` is remote (see `storage.retrying`)."""
+    return action() if is_local(url) else storage.retrying(action, url, doing)
+
+
 def read_json(url: str):
-    with fsspec.open(url, "rb") as f:
-        return json.loads(f.read())
+    def read():
+        with fsspec.open(url, "rb") as f:
+            return json.loads(f.read())
+    return _retried(read, url, "read")
 
 
 def exists(url: str) -> bool:
     fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
+    return _retried(lambda: fs.exists(path), url, "read")
 
 
 def remove(url: str) -> None:
     """Delete ``url``; nothing to do when it does not exist."""
     fs, path = fsspec.core.url_to_fs(url)
-    try:
-        fs.rm_file(path)
-    except FileNotFoundError:
-        pass
+
+    def rm() -> None:
+        try:
+            fs.rm_file(path)
+        except FileNotFoundError:
+            pass
+    _retried(rm, url, "delete")
 
 
 def sha256_file(path: str) -> str:
