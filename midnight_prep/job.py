@@ -65,12 +65,24 @@ def encode_jpeg(rgb: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def foreground_map(slide: Slide, params: BuildParams) -> ForegroundMap:
-    """Tissue mask at a resolution where the smallest tile spans MASK_CELLS_PER_TILE cells."""
+def mask_mpp(slide: Slide, params: BuildParams) -> float:
+    """µm/px of the tissue mask: the smallest tile spans MASK_CELLS_PER_TILE cells."""
     smallest_fov = params.tile_size * min(params.mpps)  # µm
-    mask_mpp = max(slide.mpp, smallest_fov / MASK_CELLS_PER_TILE)
-    rgb = np.concatenate(list(slide.thumbnail_strips(mask_mpp)), axis=0)
-    return ForegroundMap.from_mask(tissue_mask(rgb), cell=mask_mpp / slide.mpp)
+    return max(slide.mpp, smallest_fov / MASK_CELLS_PER_TILE)
+
+
+def slide_mask(slide: Slide, params: BuildParams) -> tuple[np.ndarray, float]:
+    """The slide's tissue mask (a thumbnail read: the costly part of a slide's set-up) and its
+    cell side in level-0 pixels."""
+    mpp = mask_mpp(slide, params)
+    rgb = np.concatenate(list(slide.thumbnail_strips(mpp)), axis=0)
+    return tissue_mask(rgb), mpp / slide.mpp
+
+
+def foreground_map(slide: Slide, params: BuildParams) -> ForegroundMap:
+    """Integral image of the tissue mask (`slide_mask`)."""
+    mask, cell = slide_mask(slide, params)
+    return ForegroundMap.from_mask(mask, cell)
 
 
 def tile_cap(fg: ForegroundMap, slide: Slide, extent: float, params: BuildParams) -> int:
@@ -86,14 +98,15 @@ def tile_cap(fg: ForegroundMap, slide: Slide, extent: float, params: BuildParams
 
 
 @dataclass
-class _Target:
-    """One (slide, µm/px) to sample: the level read, the read size there, and the tiles wanted."""
+class Target:
+    """One (slide, µm/px) to sample: the level read, the read size there, and the tiles wanted
+    (the builder's quota; online sampling leaves it 0)."""
 
     mpp: float
     level: Level
     read_size: int
     extent: float  # tile side in level-0 pixels
-    quota: int
+    quota: int = 0
 
     def corner(self, x0: int, y0: int) -> tuple[int, int]:
         """A level-0 corner on the level's pixel grid, kept inside the level."""
@@ -101,30 +114,50 @@ class _Target:
         return (min(int(x0 / ds), self.level.width - self.read_size),
                 min(int(y0 / ds), self.level.height - self.read_size))
 
+    def level0(self, xl: int, yl: int) -> tuple[int, int]:
+        """The level-0 position a tile is known by (its key's x, y) from its level corner."""
+        ds = self.level.downsample
+        return round(xl * ds), round(yl * ds)
+
+    def from_level0(self, x: int, y: int) -> tuple[int, int]:
+        """The level corner of the tile known by level-0 (x, y): inverts `level0` exactly
+        (downsamples are >= 1)."""
+        ds = self.level.downsample
+        return round(x / ds), round(y / ds)
+
+
+def tile_target(slide: Slide, params: BuildParams, mpp: float, quota: int = 0) -> Target | None:
+    """Where tiles of ``mpp`` are read (level, read size, level-0 extent); None when the slide
+    cannot give ``mpp`` without upsampling by more than ``params.mpp_tolerance``."""
+    level = slide.level_for(mpp, params.mpp_tolerance)
+    if level is None:
+        return None
+    extent = params.tile_size * mpp / slide.mpp
+    return Target(mpp, level, read_size_for(params.tile_size, mpp, level.mpp), extent, quota)
+
 
 def _target(slide: Slide, fg: ForegroundMap, spec: SlideSpec, params: BuildParams, mpp: float,
-            report: SlideReport) -> _Target | None:
+            report: SlideReport) -> Target | None:
     """What to sample at ``mpp``; None when nothing is asked or the slide cannot give it (noted
     in ``report``). A quota above the tissue's cap is lowered to it (noted too)."""
     mkey = f"{mpp:g}"
     quota = spec.quotas.get(mkey, 0)
     if quota <= 0:
         return None
-    level = slide.level_for(mpp, params.mpp_tolerance)
-    if level is None:
+    target = tile_target(slide, params, mpp, quota)
+    if target is None:
         report.skipped_mpps[mkey] = (
             f"finest level is {slide.levels[0].mpp:.3g} µm/px, coarser than {mpp:g} µm/px "
             f"by more than the {params.mpp_tolerance:.0%} allowed upsampling")
         return None
-    extent = params.tile_size * mpp / slide.mpp
-    cap = tile_cap(fg, slide, extent, params)
+    cap = tile_cap(fg, slide, target.extent, params)
     if cap < quota:
         report.capped[mkey] = cap
-        quota = cap
-    return _Target(mpp, level, read_size_for(params.tile_size, mpp, level.mpp), extent, quota)
+        target.quota = cap
+    return target
 
 
-def _draw(positions, target: _Target, seen: set[tuple[int, int]], want: int, budget: int,
+def _draw(positions, target: Target, seen: set[tuple[int, int]], want: int, budget: int,
           report: SlideReport) -> tuple[list[tuple[int, int, float]], int]:
     """Up to ``want`` candidates in random order: level-grid corners not drawn before, with
     their foreground fraction; and the budget left (duplicates spend it too, so a tiny slide
@@ -143,34 +176,45 @@ def _draw(positions, target: _Target, seen: set[tuple[int, int]], want: int, bud
     return chunk, budget
 
 
-class _Reader:
+def cut_tile(slide: Slide, target: Target, xl: int, yl: int, tile_size: int) -> np.ndarray:
+    """The uint8 RGB tile (before JPEG encoding) at level corner (xl, yl) of ``target``: the
+    read there, downscaled to ``tile_size``. The one definition of a tile's pixels, for the
+    builder and for online sampling alike. Raises SlideError."""
+    size = target.read_size
+    return downscale(slide.read_level(target.level.index, xl, yl, size, size), tile_size)
+
+
+class TileReader:
     """Reads and filters candidate tiles of one slide; gives the slide up after MAX_READ_ERRORS
     failed reads (a truncated file, say)."""
 
-    def __init__(self, slide: Slide, params: BuildParams):
-        self.slide, self.params, self.errors = slide, params, 0
+    def __init__(self, slide: Slide, params: BuildParams, errors: int = 0):
+        self.slide, self.params, self.errors = slide, params, errors
 
-    def read(self, target: _Target, chunk: list[tuple[int, int, float]]) -> list:
+    def tile(self, target: Target, xl: int, yl: int) -> np.ndarray | SlideError:
+        """`cut_tile`, or the SlideError of a failed read (counted); raises SlideError once
+        MAX_READ_ERRORS reads have failed."""
+        try:
+            return cut_tile(self.slide, target, xl, yl, self.params.tile_size)
+        except SlideError as e:
+            self.errors += 1
+            if self.errors >= MAX_READ_ERRORS:
+                raise SlideError(f"gave up after {self.errors} failed reads; last: {e}") from e
+            return e
+
+    def read(self, target: Target, chunk: list[tuple[int, int, float]]) -> list:
         """(tile, HSV fraction) or the SlideError of each candidate, in ``chunk``'s order. Reads
         go in raster order, so overlapping reads share cached source tiles."""
         size = target.read_size
         results: list = [None] * len(chunk)
         for i in sorted(range(len(chunk)), key=lambda i: (chunk[i][1] // size, chunk[i][0])):
             xl, yl, _ = chunk[i]
-            try:
-                region = self.slide.read_level(target.level.index, xl, yl, size, size)
-            except SlideError as e:
-                results[i] = e
-                self.errors += 1
-                if self.errors >= MAX_READ_ERRORS:
-                    raise SlideError(f"gave up after {self.errors} failed reads; last: {e}") from e
-                continue
-            tile = downscale(region, self.params.tile_size)
-            results[i] = (tile, hsv_fraction(tile))
+            tile = self.tile(target, xl, yl)
+            results[i] = tile if isinstance(tile, SlideError) else (tile, hsv_fraction(tile))
         return results
 
 
-def _accept(target: _Target, chunk: list, results: list, room: int, spec: SlideSpec,
+def _accept(target: Target, chunk: list, results: list, room: int, spec: SlideSpec,
             params: BuildParams, report: SlideReport, emit: Callable[[str, bytes, dict], None],
             progress: Progress | None) -> int:
     """Emit the tiles that pass the HSV filter, in draw order (so stopping at the quota favours
@@ -186,7 +230,7 @@ def _accept(target: _Target, chunk: list, results: list, room: int, spec: SlideS
         if hf < params.hsv_min_fraction:
             _count(report, "hsv")
             continue
-        x, y = round(xl * ds), round(yl * ds)
+        x, y = target.level0(xl, yl)
         meta = {
             "slide_id": spec.slide_id, "source": spec.path, "mpp": target.mpp, "x": x, "y": y,
             "extent": round(target.read_size * ds, 3), "level": target.level.index,
@@ -206,7 +250,7 @@ def _sample_slide(slide: Slide, spec: SlideSpec, params: BuildParams, report: Sl
     """Per magnification, chunk by chunk: draw candidates -> read them -> accept, until the
     quota is met or the read budget (read_budget_factor x quota + 64) is spent."""
     fg = foreground_map(slide, params)
-    reader = _Reader(slide, params)
+    reader = TileReader(slide, params)
     for mpp in params.mpps:
         target = _target(slide, fg, spec, params, mpp, report)
         if target is None:
