@@ -284,7 +284,7 @@ class _Heartbeat:
             for lock in held:
                 try:
                     lock.refresh()
-                except OSError:  # storage hiccup: the next beat tries again
+                except Exception:  # storage hiccup (OSError or botocore's own errors): the next beat tries again
                     pass
 
 
