@@ -6,6 +6,7 @@ import functools
 import json
 import sys
 import time
+from contextlib import contextmanager
 
 import click
 from tqdm import tqdm
@@ -142,9 +143,10 @@ WAIT_S = 2.0
 
 
 def _execute(plan: Plan, jobs, workers: int, verify: bool, retry_failed: bool,
-             whole_output: bool = False) -> int:
+             whole_output: bool = False, executor=None, where: str = "") -> int:
     """Run the jobs of ``jobs`` that are not done yet (damaged ones included, and with
-    ``retry_failed`` those with failed slides); print a summary; return the exit status."""
+    ``retry_failed`` those with failed slides) with ``executor`` (default: a local pool of
+    ``workers``; ``where`` says what it is); print a summary; return the exit status."""
     states = _job_states(plan, jobs, whole_output, verify)
     redo = set()
     for s in states.values():
@@ -157,10 +159,11 @@ def _execute(plan: Plan, jobs, workers: int, verify: bool, retry_failed: bool,
     done = {job_id: s.manifest for job_id, s in states.items() if s.kind == "done" and job_id not in redo}
     pending = [j for j in jobs if j.job_id not in done]
     click.echo(f"{len(jobs) - len(pending)} of {len(jobs)} jobs already done; running {len(pending)} "
-               f"with {workers} worker(s) -> {plan.output}", err=True)
+               f"{where or f'with {workers} worker(s)'} -> {plan.output}", err=True)
     started = time.time()
+    executor = executor or functools.partial(run_jobs, workers=workers)
     with sigterm_exits():
-        ran, failed_jobs = _run_with_progress(plan, pending, workers, redo, done)
+        ran, failed_jobs = _run_with_progress(plan, pending, executor, redo, done)
     summary = summarize(ran)
     click.echo(format_summary(summary, wall_seconds=time.time() - started if ran else None))
     for job_id, error in failed_jobs:
@@ -196,8 +199,8 @@ class _Bars:
         self.tiles.close()
 
 
-def _run_with_progress(plan: Plan, pending, workers: int, redo: set[str], done: dict):
-    """Run ``pending`` with progress bars; jobs another builder is working on are left to it and
+def _run_with_progress(plan: Plan, pending, executor, redo: set[str], done: dict):
+    """Run ``pending`` with ``executor`` (`run_jobs`'s arguments) and progress bars; jobs another builder is working on are left to it and
     waited for at the end. Adds finished jobs to ``done``; returns (manifests of the jobs run
     here, [(job_id, exception)] of those that failed)."""
     bars = _Bars(pending)
@@ -218,8 +221,8 @@ def _run_with_progress(plan: Plan, pending, workers: int, redo: set[str], done: 
     todo, told = pending, set()
     try:
         while todo:
-            outcomes = run_jobs(todo, plan.params, plan.output, plan.sha256(), workers, bars,
-                                on_done, redo)
+            outcomes = executor(todo, plan.params, plan.output, plan.sha256(), progress=bars,
+                                on_done=on_done, redo=redo)
             busy = [j for j in todo if outcomes[j.job_id].holder is not None]
             for job in busy:
                 if job.job_id not in told:
@@ -346,15 +349,58 @@ RETRY_FAILED = click.option("--retry-failed", is_flag=True,
                             help="Redo finished jobs that have failed slides (after fixing them).")
 
 
+def executor_options(f):
+    opts = [
+        click.option("--executor", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+                     help="local: a process pool of --workers on this machine. ray: one Ray task per "
+                          "job (pip install 'midnight[ray]'); the same shards either way."),
+        click.option("--ray-address",
+                     help="With --executor ray: the cluster to use ('auto': the one this node joined "
+                          "with `ray start`) [default: a local Ray instance of --workers CPUs]."),
+        click.option("--ray-jobs-per-worker", default=10, show_default=True, type=click.IntRange(min=1),
+                     help="With --executor ray: a worker process is replaced after this many jobs "
+                          "(bounds its memory)."),
+        click.option("--ray-retries", default=3, show_default=True, type=click.IntRange(min=0),
+                     help="With --executor ray: retries of a job whose worker died or that hit a "
+                          "transient storage error."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+@contextmanager
+def _executor(executor: str, workers: int, ray_address: str | None, ray_jobs_per_worker: int,
+              ray_retries: int):
+    """(executor for `_execute`, what it is for messages); a Ray connection is closed after."""
+    if executor == "local":
+        if ray_address:
+            raise click.UsageError("--ray-address needs --executor ray")
+        yield None, f"with {workers} worker(s)"
+        return
+    from .ray_executor import RayExecutor, RayUnavailable, check_installed
+
+    try:
+        check_installed()
+        with RayExecutor(ray_address, None if ray_address else workers, ray_retries,
+                         ray_jobs_per_worker) as ray_executor:
+            yield ray_executor, (f"on the Ray cluster at {ray_address}" if ray_address else
+                                 f"on a local Ray instance of {workers} CPU(s)")
+    except RayUnavailable as e:
+        raise click.ClickException(str(e)) from e
+
+
 @main.command()
 @plan_options
 @click.option("--workers", "-j", default=1, show_default=True, type=click.IntRange(min=1),
               help="Local worker processes.")
+@executor_options
 @VERIFY
 @RETRY_FAILED
 @STORAGE_OPTIONS
 @one_line_errors
-def build(workers, verify, retry_failed, storage_options, **options) -> None:
+def build(workers, executor, ray_address, ray_jobs_per_worker, ray_retries, verify, retry_failed,
+          storage_options, **options) -> None:
     """Plan and run: sample tiles from INPUTS (slide files, directories, or CSV slide lists with
     columns path[,slide_id,mpp,group]) into shards under --output. Resumable: run it again after
     any interruption and only the unfinished (or damaged) jobs are redone. Exit status 1 while a
@@ -365,11 +411,14 @@ def build(workers, verify, retry_failed, storage_options, **options) -> None:
     midnight-prep build slides.csv --output s3://bucket/run1 --mpp 1,0.5 --total-tiles 1000000
     midnight-prep build slides/ --output out/ --tile-size 512 --mpp 0.5,0.25 --seed 1
     midnight-prep build slides/ --output out/ --retry-failed   # after fixing a failed slide
+    midnight-prep build slides.csv --output /shared/run1 --executor ray --ray-address auto
     """
     _use_storage(options["output"], storage_options)
-    plan = _plan_from_options(**options)
-    _store_plan(plan)
-    sys.exit(_execute(plan, plan.jobs, workers, verify, retry_failed, whole_output=True))
+    with _executor(executor, workers, ray_address, ray_jobs_per_worker, ray_retries) as (ex, where):
+        plan = _plan_from_options(**options)
+        _store_plan(plan)
+        sys.exit(_execute(plan, plan.jobs, workers, verify, retry_failed, whole_output=True,
+                          executor=ex, where=where))
 
 
 @main.command("plan")
@@ -398,11 +447,13 @@ def plan_cmd(storage_options, **options) -> None:
 @click.option("--task", default=0, show_default=True, type=click.IntRange(min=0), help="This task's index (e.g. $SLURM_ARRAY_TASK_ID).")
 @click.option("--num-tasks", default=1, show_default=True, type=click.IntRange(min=1), help="Number of tasks sharing the plan; task I runs jobs I, I+N, ...")
 @click.option("--jobs", "job_ids", help="Only these job ids (comma-separated).")
+@executor_options
 @VERIFY
 @RETRY_FAILED
 @STORAGE_OPTIONS
 @one_line_errors
-def run(plan_source, workers, task, num_tasks, job_ids, verify, retry_failed, storage_options) -> None:
+def run(plan_source, workers, task, num_tasks, job_ids, executor, ray_address, ray_jobs_per_worker,
+        ray_retries, verify, retry_failed, storage_options) -> None:
     """Run the unfinished jobs of a plan (PLAN_SOURCE: plan.json or the output it lives in).
     Results go to the folder the plan is in. Jobs are locked while they run: several tasks or
     machines may share a plan, and a job another builder is working on is waited for. For
@@ -413,10 +464,13 @@ def run(plan_source, workers, task, num_tasks, job_ids, verify, retry_failed, st
     midnight-prep run s3://bucket/tcga/plan.json --task $SLURM_ARRAY_TASK_ID \\
         --num-tasks $SLURM_ARRAY_TASK_COUNT --workers $SLURM_CPUS_PER_TASK
     midnight-prep run out/ --jobs job-000003,job-000007 --verify
+    midnight-prep run s3://bucket/tcga/plan.json --executor ray --ray-address auto
     """
     _use_storage(_plan_folder(plan_source), storage_options)
-    plan = _load_plan(plan_source)
-    sys.exit(_execute(plan, _select(plan, task, num_tasks, job_ids), workers, verify, retry_failed))
+    with _executor(executor, workers, ray_address, ray_jobs_per_worker, ray_retries) as (ex, where):
+        plan = _load_plan(plan_source)
+        sys.exit(_execute(plan, _select(plan, task, num_tasks, job_ids), workers, verify,
+                          retry_failed, executor=ex, where=where))
 
 
 @main.command()
