@@ -221,11 +221,15 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides:
         apply_override(raw, item)
-        # data.shards on the command line replaces a config's dataset mix (and vice versa).
+        # A source on the command line (data.shards, data.slides, data.datasets) replaces the
+        # config's; shards carry their tile parameters, so data.tiles goes with a slide source.
         key = item.partition("=")[0].strip()
-        other = {"data.shards": "datasets", "data.datasets": "shards"}.get(key)
-        if other and isinstance(raw.get("data"), dict):
-            raw["data"].pop(other, None)
+        others = {"data.shards": ("datasets", "slides", "tiles"),
+                  "data.slides": ("shards", "datasets"),
+                  "data.datasets": ("shards", "slides")}.get(key, ())
+        if isinstance(raw.get("data"), dict):
+            for other in others:
+                raw["data"].pop(other, None)
     return build_config(raw)
 
 

@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from midnight_prep.plan import BuildParams, PlanError
 from midnight_train.crops import CropBatch, decode_tile, draw_geometry
 from midnight_train.masking import batch_masks
 from midnight_train.records import REASONS, SkipCounts, shard_records
@@ -71,6 +72,8 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 # Seed tags: independent generator families derived from the same (seed, stream, index).
 _TAG_EPOCH, _TAG_PULL, _TAG_GEOMETRY, _TAG_MASK = 101, 102, 103, 104
+# The keys of `data.tiles` (the rest of BuildParams is about writing shards).
+TILE_KEYS = ("mpps", "tile_size", "foreground", "hsv_min_fraction", "mpp_tolerance")
 
 
 @dataclass
@@ -78,7 +81,16 @@ class DataConfig:
     """The `data:` section of the training config (plain YAML types; lists work for pairs)."""
 
     shards: str | list[str] | None = None
+    # online patching (midnight_train.slide_source): slides, directories or CSV slide lists,
+    # exactly the inputs midnight-prep accepts
+    slides: str | list[str] | None = None
     datasets: list[dict[str, Any]] | None = None
+    # slide sources: mpps, tile_size, foreground, hsv_min_fraction, mpp_tolerance, checked and
+    # defaulted as midnight-prep's (midnight_prep.plan.BuildParams)
+    tiles: dict[str, Any] | None = None
+    slide_pool: int = 16  # slides a stream draws from at once (per dataset)
+    draws_per_slide: int = 64  # tiles drawn from a pool slide, on average, before it is replaced
+    mask_cache_dir: str | None = None  # tissue masks kept on disk, shared by a node's workers
     batch_size: int = 64  # per process
     num_workers: int = 4
     shuffle_buffer: int = 1000  # records shuffled together (one block); memory ≈ this × JPEG size
@@ -102,8 +114,8 @@ class DataConfig:
     mask_min_patches: int = 4
 
     def __post_init__(self) -> None:
-        if (self.shards is None) == (self.datasets is None):
-            raise ValueError("data: give exactly one of `shards` or `datasets`")
+        if sum(x is not None for x in (self.shards, self.slides, self.datasets)) != 1:
+            raise ValueError("data: give exactly one of `shards`, `slides` or `datasets`")
         for name in ("global_crop_scale", "local_crop_scale", "crop_ratio", "mask_ratio_min_max"):
             pair = getattr(self, name)
             if len(pair) != 2 or not pair[0] <= pair[1]:
@@ -116,16 +128,55 @@ class DataConfig:
             raise ValueError(f"data.read_retry_s ({self.read_retry_s:g}) must be ≥ 0 and below "
                              f"data.timeout_s ({self.timeout_s:g}), or a worker waiting for "
                              f"storage is taken for a hung one")
+        kinds = set()
         for spec in self.dataset_specs():
-            unknown = set(spec) - {"shards", "weight", "group", "name"}
-            if unknown or "shards" not in spec or float(spec.get("weight", 1.0)) <= 0:
-                raise ValueError(f"data.datasets entry {spec!r}: needs `shards`, a weight > 0, "
-                                 f"and only shards/weight/group/name")
+            unknown = set(spec) - {"shards", "slides", "weight", "group", "name"}
+            kind = [k for k in ("shards", "slides") if spec.get(k) is not None]
+            if unknown or len(kind) != 1 or float(spec.get("weight", 1.0)) <= 0:
+                raise ValueError(f"data.datasets entry {spec!r}: needs one of `shards` or "
+                                 f"`slides`, a weight > 0, and only shards/slides/weight/group/name")
+            kinds.update(kind)
+        if len(kinds) > 1:
+            raise ValueError("data.datasets: shard and slide datasets cannot be mixed in one run; "
+                             "build shards of the slides (midnight-prep) or use slides for all")
+        if self.source_kind() == "slides":
+            self.tile_params()
+            if self.slide_pool < 1 or self.draws_per_slide < 1:
+                raise ValueError("data: slide_pool and draws_per_slide must be >= 1")
+        elif self.tiles is not None:
+            raise ValueError("data.tiles applies to slide sources (data.slides) only: shards "
+                             "carry the tiles they were built with")
 
     def dataset_specs(self) -> list[dict[str, Any]]:
         if self.datasets is None:
-            return [{"shards": self.shards, "weight": 1.0, "group": None, "name": "default"}]
+            kind = "shards" if self.shards is not None else "slides"
+            return [{kind: getattr(self, kind), "weight": 1.0, "group": None, "name": "default"}]
         return [dict(d) for d in self.datasets]
+
+    def source_kind(self) -> str:
+        """"shards" or "slides" (online patching)."""
+        return "slides" if any(s.get("slides") is not None for s in self.dataset_specs()) else "shards"
+
+    def tile_params(self) -> BuildParams:
+        """The tile parameters of a slide source, validated and defaulted by midnight-prep's
+        own rules (the same tiles as the shard builder's)."""
+        tiles = dict(self.tiles or {})
+        unknown = sorted(set(tiles) - set(TILE_KEYS))
+        if unknown:
+            raise ValueError(f"unknown config key(s) {', '.join('data.tiles.' + k for k in unknown)}; "
+                             f"known keys in data.tiles: {', '.join(TILE_KEYS)}")
+        if "mpps" in tiles:
+            mpps = tiles["mpps"] if isinstance(tiles["mpps"], (list, tuple)) else [tiles["mpps"]]
+            tiles["mpps"] = tuple(float(m) if type(m) is int else m for m in mpps)
+        try:
+            return BuildParams(**tiles)
+        except PlanError as err:  # the builder names its command-line options
+            message = str(err)
+            for option, key in (("--mpp", "mpps"), ("--tile-size", "tile_size"),
+                                ("--foreground", "foreground"),
+                                ("--hsv-min-fraction", "hsv_min_fraction"), (" (plan.json)", "")):
+                message = message.replace(option, key)
+            raise ValueError(f"data.tiles: {message}") from None
 
 
 class _DatasetReader:
@@ -282,25 +333,43 @@ class SampleStream:
             yield {**batch.tensors(), "masks": torch.from_numpy(masks), "_position": self.position()}
 
 
-class ShardStreamDataset(IterableDataset):
-    """The DataLoader-facing dataset: maps each worker to its logical stream and start position."""
+class StreamDataset(IterableDataset):
+    """The DataLoader-facing dataset: maps each worker to its logical stream and start position
+    (`Loader` sets `positions` and `rotation`); subclasses make the stream."""
 
-    def __init__(self, cfg: DataConfig, shard_lists: list[list[str]], *, seed: int, rank: int,
-                 world_size: int) -> None:
-        self.cfg, self.shard_lists, self.seed = cfg, shard_lists, seed
+    reasons: tuple[str, ...] = REASONS  # the skip counters its positions carry
+
+    def __init__(self, cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> None:
+        self.cfg, self.seed = cfg, seed
         self.rank, self.world_size = rank, world_size
         self.n_workers = max(1, cfg.num_workers)
         self.positions: list[dict[str, Any] | None] = [None] * self.n_workers
         self.rotation = 0
 
+    def make_stream(self, *, stream: int, n_streams: int, worker: int,
+                    position: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker = ((info.id if info is not None else 0) + self.rotation) % self.n_workers
-        stream = SampleStream(self.cfg, self.shard_lists, seed=self.seed,
-                              stream=self.rank * self.n_workers + worker,
-                              n_streams=self.world_size * self.n_workers, worker=worker,
-                              position=self.positions[worker])
-        return iter(stream)
+        return iter(self.make_stream(stream=self.rank * self.n_workers + worker,
+                                     n_streams=self.world_size * self.n_workers, worker=worker,
+                                     position=self.positions[worker]))
+
+
+class ShardStreamDataset(StreamDataset):
+    """Streams of webdataset shards (`SampleStream`)."""
+
+    def __init__(self, cfg: DataConfig, shard_lists: list[list[str]], *, seed: int, rank: int,
+                 world_size: int) -> None:
+        super().__init__(cfg, seed=seed, rank=rank, world_size=world_size)
+        self.shard_lists = shard_lists
+
+    def make_stream(self, *, stream: int, n_streams: int, worker: int,
+                    position: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+        return iter(SampleStream(self.cfg, self.shard_lists, seed=self.seed, stream=stream,
+                                 n_streams=n_streams, worker=worker, position=position))
 
 
 class Loader:
@@ -311,13 +380,15 @@ class Loader:
         self.cfg = cfg
         self.identity = {"seed": int(seed), "rank": int(rank), "world_size": int(world_size),
                          "num_workers": int(cfg.num_workers)}
+        self.source = cfg.source_kind()
         self.consumed = 0
         stream_seed = int(seed)
         n_workers = max(1, cfg.num_workers)
         positions: list[dict[str, Any] | None] = [None] * n_workers
         if state is not None:
             self.consumed = int(state["batches"])
-            same = {k: state.get(k) for k in self.identity} == self.identity
+            same = ({k: state.get(k) for k in self.identity} == self.identity
+                    and state.get("source", "shards") == self.source)
             if same and state.get("version") == STATE_VERSION:
                 stream_seed = int(state["stream_seed"])
                 positions = list(state["workers"])
@@ -328,6 +399,12 @@ class Loader:
                             {k: state.get(k) for k in self.identity}, self.identity, stream_seed)
         self.stream_seed = stream_seed
         self.positions = positions
+        if self.source == "slides":
+            from midnight_train.slide_source import SlideStreamDataset
+
+            self.dataset: StreamDataset = SlideStreamDataset(cfg, seed=stream_seed, rank=rank,
+                                                             world_size=world_size)
+            return
         shard_lists = []
         for spec in cfg.dataset_specs():
             listed = shard_counts(spec["shards"])
@@ -363,11 +440,12 @@ class Loader:
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": STATE_VERSION, **self.identity, "stream_seed": self.stream_seed,
+        return {"version": STATE_VERSION, **self.identity, "source": self.source,
+                "stream_seed": self.stream_seed,
                 "batches": self.consumed, "workers": json.loads(json.dumps(self.positions))}
 
     def counters(self) -> dict[str, int]:
-        total = {r: 0 for r in REASONS}
+        total = {r: 0 for r in self.dataset.reasons}
         for p in self.positions:
             for reason, n in (p or {}).get("counters", {}).items():
                 total[reason] = total.get(reason, 0) + int(n)

@@ -1,0 +1,523 @@
+"""Online patching: training tiles drawn straight from whole-slide images, as the Midnight models
+were trained, with the shard builder's own mask, sampler, reader and HSV filter, so a tile drawn
+here at (slide, µm/px, position) is the exact uint8 array `midnight-prep` cuts there before JPEG
+encoding (`midnight_prep.job.cut_tile`). Configured by `data.slides` (or `data.datasets` entries
+with `slides`), `data.tiles`, `data.slide_pool`, `data.draws_per_slide`, `data.mask_cache_dir`.
+
+One draw (one batch element) of stream s: a dataset by the mixing weights → a slide (uniform over
+the dataset's slides, through the pool below) → a µm/px, uniform over the configured ones the
+slide can give without upsampling beyond `mpp_tolerance` → a position uniform over the positions
+that pass the foreground test (`midnight_prep.sampling.TissueSampler`) → read → HSV filter. A
+rejected candidate is redrawn at the same slide and µm/px (at most MAX_CANDIDATES), then slide
+and µm/px are chosen anew. A tile of a dataset whose slides rarely pass is still drawn from that
+dataset: the mixing proportions are exact.
+
+Slide pool (locality): opening a slide and computing its tissue mask (a thumbnail read) costs far
+more than a tile, so each stream keeps `slide_pool` slides per dataset open and each draw picks
+one of them uniformly. Pool slot k holds a slide drawn uniformly from the dataset, replaced every
+`slide_pool × draws_per_slide / weight` draws of the stream (staggered over the slots), so a
+pool slide gives `draws_per_slide` tiles on average. Every pool member is a uniform draw, so each
+tile's slide is still marginally uniform over slides; what the pool changes is correlation: the
+tiles of one stream's batch come from about `slide_pool` slides instead of `batch_size`
+(batches of other workers and ranks come from other slides). `slide_pool: 1, draws_per_slide: 1`
+is the paper's independent draw per element, at the cost of a slide set-up per tile. The set-up
+is cheap to repeat with `mask_cache_dir` (masks computed once per node, read back after).
+
+Exact resume: every draw is stateless. Draw i of stream s uses a generator seeded by (seed,
+n_streams, s, TAG_DRAW, i); pool slot k at draw i holds the first slide not dropped of a
+sequence seeded by (seed, n_streams, s, TAG_POOL, dataset, k, epoch); crop geometry and iBOT
+masks of batch b are seeded by b. A stream's position is therefore its counters (draws, batches),
+the slides dropped so far (with their reasons) and failed-read counts per slide; caches (open
+slides, masks) change speed, never pixels.
+
+Robustness: a slide that cannot be opened, has no µm/px, cannot give any configured µm/px, has
+no tissue, keeps failing reads (`midnight_prep.job.MAX_READ_ERRORS`) or gives no tile that passes
+the filters in DROP_AFTER_ROUNDS × MAX_CANDIDATES candidates of one draw is dropped from the
+stream with one warning naming the file and reason and counted (`slide_error`; failed tile reads
+count as `read_error`); when every slide of a dataset is dropped, a RuntimeError names the
+dataset and reasons.
+
+For previews, statistics and benchmarks: `tile_sampler(cfg)` gives one stream's `TileSampler`
+(`draw()` → `Tile`, `acceptance()` per slide and µm/px, `dropped`); `read_tile` cuts the tile a
+key names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from midnight_prep import tissue
+from midnight_prep.hsv import hsv_fraction
+from midnight_prep.job import Target, TileReader, cut_tile, mask_mpp, slide_mask, tile_target
+from midnight_prep.plan import BuildParams, PlanError, SlideSpec, make_plan
+from midnight_prep.sampling import TissueSampler
+from midnight_prep.shards import sample_key
+from midnight_prep.slides import Slide, SlideError
+from midnight_prep.tissue import ForegroundMap
+from midnight_train.crops import CropBatch, draw_geometry
+from midnight_train.data import DataConfig, StreamDataset
+from midnight_train.masking import batch_masks
+
+log = logging.getLogger(__name__)
+
+TAG_DRAW, TAG_POOL, TAG_GEOMETRY, TAG_MASK = 201, 202, 203, 204
+REASONS = ("slide_error", "read_error")
+MAX_CANDIDATES = 16  # candidates read at one (slide, µm/px) before slide and µm/px are redrawn
+DROP_AFTER_ROUNDS = 8  # rounds of one draw a slide may fail before it is dropped
+POSITION_BATCH = 32  # proposals per batch of the position sampler (any value is uniform)
+PROBE_SLIDES = 8  # at start, the first of this many slides of each dataset must open
+MASK_MEMORY_BYTES = 64 << 20  # packed masks of closed slides kept in memory, per stream
+# Changes when the tissue mask algorithm does: on-disk masks of an older one are not reused.
+MASK_VERSION = hashlib.sha256(Path(tissue.__file__).read_bytes()).hexdigest()[:12]
+
+
+@dataclass
+class SlideDataset:
+    name: str
+    weight: float
+    slides: list[SlideSpec]
+
+
+def slide_datasets(cfg: DataConfig) -> list[SlideDataset]:
+    """The slide lists of a slide source: ids, groups and µm/px overrides exactly as
+    `midnight-prep` plans them (sorted by id; ``group`` keeps only that group's slides)."""
+    out = []
+    for i, spec in enumerate(cfg.dataset_specs()):
+        name = str(spec.get("name") or f"dataset{i}")
+        inputs = spec["slides"] if isinstance(spec["slides"], list) else [spec["slides"]]
+        try:
+            # The builder's own planning gives the ids (dot-free, unique), groups and overrides;
+            # the output and quotas are never used.
+            slides = make_plan([str(x) for x in inputs], "unused", BuildParams(),
+                               tiles_per_slide=1, slides_per_job=1 << 30).slides
+        except PlanError as err:
+            raise ValueError(f"data.slides (dataset {name!r}): {err}") from None
+        if spec.get("group") is not None:
+            slides = [s for s in slides if s.group == spec["group"]]
+            if not slides:
+                raise ValueError(f"data.slides (dataset {name!r}): no slide of group {spec['group']!r}")
+        out.append(SlideDataset(name, float(spec.get("weight", 1.0)), slides))
+    return out
+
+
+def open_slide(spec: SlideSpec) -> Slide:
+    """The one place online sampling opens a slide (where staging of `s3://` slides plugs in)."""
+    return Slide(spec.path, mpp_override=spec.mpp)
+
+
+def check_slides(datasets: list[SlideDataset]) -> None:
+    """Fail fast on a wrong slide list: each dataset must have a slide among its first
+    PROBE_SLIDES that opens (others that do not are dropped during training, not here)."""
+    for ds in datasets:
+        reasons = []
+        for spec in ds.slides[:PROBE_SLIDES]:
+            try:
+                open_slide(spec).close()
+                break
+            except Exception as err:  # noqa: BLE001 - any failure to open is the answer
+                reasons.append(f"{spec.path}: {err}")
+        else:
+            raise ValueError(f"data.slides (dataset {ds.name!r}): none of its first "
+                             f"{len(reasons)} slides opens: {'; '.join(reasons[:3])}")
+
+
+def read_tile(slide: Slide, params: BuildParams, mpp: float, x: int, y: int) -> np.ndarray:
+    """The tile (uint8 RGB, before any encoding) the shard builder cuts at ``mpp`` and level-0
+    position (x, y) of ``slide``, i.e. the tile a sample key names."""
+    target = tile_target(slide, params, mpp)
+    if target is None:
+        raise SlideError(f"{slide.path} cannot give {mpp:g} µm/px without upsampling")
+    return cut_tile(slide, target, *target.from_level0(x, y), params.tile_size)
+
+
+@dataclass
+class Tile:
+    """One accepted tile and where it came from (the shard builder's sample JSON fields)."""
+
+    key: str
+    rgb: np.ndarray
+    dataset: str
+    slide_id: str
+    source: str
+    group: str
+    mpp: float
+    x: int
+    y: int
+    level: int
+    read_size: int
+    extent: float
+    tile_size: int
+    foreground: float
+    hsv_fraction: float
+
+    def meta(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in ("key", "rgb", "dataset")}
+
+
+# ---------------------------------------------------------------------------- per-slide state
+
+
+class MaskStore:
+    """Tissue masks by slide: packed in memory (bounded), and optionally on disk in
+    ``directory``, keyed by path, size, mtime and mask parameters, written atomically, so the
+    workers and ranks of a node compute each slide's mask once."""
+
+    def __init__(self, directory: str | None, max_bytes: int = MASK_MEMORY_BYTES) -> None:
+        self.directory, self.max_bytes = directory, max_bytes
+        self.memory: OrderedDict[str, tuple[np.ndarray, tuple[int, int], float]] = OrderedDict()
+        self.computed = 0  # masks computed here (thumbnail reads), for tests and statistics
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+
+    def _key(self, slide: Slide, params: BuildParams) -> str:
+        st = os.stat(slide.path)
+        ident = [MASK_VERSION, os.path.abspath(slide.path), st.st_size, st.st_mtime_ns, slide.mpp,
+                 mask_mpp(slide, params)]
+        return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
+
+    def get(self, slide: Slide, params: BuildParams) -> tuple[np.ndarray, float]:
+        key = self._key(slide, params)
+        hit = self.memory.get(key) or self._load(key)
+        if hit is None:
+            mask, cell = slide_mask(slide, params)
+            self.computed += 1
+            hit = (np.packbits(mask), mask.shape, cell)
+            self._save(key, hit)
+        self.memory[key] = hit
+        self.memory.move_to_end(key)
+        while sum(v[0].nbytes for v in self.memory.values()) > self.max_bytes and len(self.memory) > 1:
+            self.memory.popitem(last=False)
+        packed, shape, cell = hit
+        return np.unpackbits(packed, count=shape[0] * shape[1]).reshape(shape).astype(bool), cell
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.directory or "", f"{key}.npz")
+
+    def _load(self, key: str):
+        if not self.directory or not os.path.exists(self._path(key)):
+            return None
+        try:
+            with np.load(self._path(key)) as z:
+                return z["packed"], tuple(int(v) for v in z["shape"]), float(z["cell"])
+        except Exception:  # noqa: BLE001 - a damaged entry is recomputed and replaced
+            return None
+
+    def _save(self, key: str, hit) -> None:
+        if not self.directory:
+            return
+        packed, shape, cell = hit
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".npz", dir=self.directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, packed=packed, shape=np.array(shape), cell=np.array(cell))
+            os.replace(tmp, self._path(key))  # atomic: readers see a whole file or none
+        except OSError as err:
+            log.warning("cannot write the mask cache %s: %s", self.directory, err)
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+class SlideEntry:
+    """An open slide with what sampling it needs: its reader and, per usable µm/px, the target
+    and the position sampler."""
+
+    def __init__(self, spec: SlideSpec, params: BuildParams, masks: MaskStore, read_errors: int):
+        slide = open_slide(spec)
+        try:
+            mask, cell = masks.get(slide, params)
+            fg = ForegroundMap.from_mask(mask, cell)
+            self.usable: list[tuple[Target, TissueSampler]] = []
+            targets = [t for t in (tile_target(slide, params, m) for m in params.mpps) if t is not None]
+            if not targets:
+                raise SlideError(
+                    f"its finest level is {slide.levels[0].mpp:.3g} µm/px: it cannot give any of "
+                    f"{', '.join(f'{m:g}' for m in params.mpps)} µm/px without upsampling by "
+                    f"more than {params.mpp_tolerance:.0%}")
+            for target in targets:
+                sampler = TissueSampler(fg, slide.width, slide.height, target.extent, params.foreground)
+                if not sampler.empty:
+                    self.usable.append((target, sampler))
+            if not self.usable:
+                raise SlideError(f"no tissue: no tile position has {params.foreground:.0%} "
+                                 f"foreground at any of its µm/px")
+        except BaseException:
+            slide.close()
+            raise
+        self.slide = slide
+        self.reader = TileReader(slide, params, errors=read_errors)
+
+    def close(self) -> None:
+        self.slide.close()
+
+
+class OpenSlides:
+    """At most ``capacity`` open slides, least recently used closed first (no handle leaks)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.entries: OrderedDict[Any, SlideEntry] = OrderedDict()
+
+    def get(self, key) -> SlideEntry | None:
+        entry = self.entries.get(key)
+        if entry is not None:
+            self.entries.move_to_end(key)
+        return entry
+
+    def put(self, key, entry: SlideEntry) -> None:
+        self.entries[key] = entry
+        while len(self.entries) > self.capacity:
+            self.entries.popitem(last=False)[1].close()
+
+    def drop(self, key) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is not None:
+            entry.close()
+
+    def close(self) -> None:
+        while self.entries:
+            self.entries.popitem()[1].close()
+
+
+# ---------------------------------------------------------------------------- the sampler
+
+
+class TileSampler:
+    """One stream's endless sequence of accepted tiles (see the module docstring). ``seed`` is
+    the stream's seed words, e.g. [seed, n_streams, stream]; ``state`` a `state()` to continue
+    from. Close it (or use it as a context manager) to close its slides."""
+
+    def __init__(self, datasets: list[SlideDataset], params: BuildParams, *, seed: list[int],
+                 slide_pool: int = 16, draws_per_slide: int = 64, mask_cache_dir: str | None = None,
+                 state: dict[str, Any] | None = None) -> None:
+        self.datasets, self.params, self.seed = datasets, params, list(seed)
+        self.pool = slide_pool
+        weights = np.array([d.weight for d in datasets], dtype=np.float64)
+        self.weights = weights / weights.sum()
+        self.periods = [max(1, round(slide_pool * draws_per_slide / w)) for w in self.weights]
+        self.open = OpenSlides(slide_pool * len(datasets) + 2)
+        self.masks = MaskStore(mask_cache_dir)
+        self.draws = 0
+        self.dropped: dict[tuple[int, str], str] = {}  # (dataset, slide_id) -> reason
+        self.read_errors: dict[tuple[int, str], int] = {}
+        self.counts = {r: 0 for r in REASONS}
+        # (dataset name, slide_id, µm/px) -> accepted / foreground / hsv / read_error; in
+        # memory only (statistics, not position)
+        self.stats: dict[tuple[str, str, float], dict[str, int]] = {}
+        if state is not None:
+            self.draws = int(state["draws"])
+            self.dropped = {(int(d), str(s)): str(r) for d, s, r in state["dropped"]}
+            self.read_errors = {(int(d), str(s)): int(n) for d, s, n in state["read_errors"]}
+            self.counts.update({k: int(v) for k, v in state["counters"].items()})
+
+    def __enter__(self) -> TileSampler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.open.close()
+
+    def state(self) -> dict[str, Any]:
+        return {"draws": self.draws,
+                "dropped": [[d, s, r] for (d, s), r in sorted(self.dropped.items())],
+                "read_errors": [[d, s, n] for (d, s), n in sorted(self.read_errors.items())],
+                "counters": dict(self.counts)}
+
+    def acceptance(self) -> list[dict[str, Any]]:
+        """Per dataset, slide and µm/px: tiles accepted, proposals below the foreground
+        threshold, candidates rejected by the HSV filter, failed reads, and the acceptance
+        rate of the candidates read."""
+        rows = []
+        for (name, slide_id, mpp), c in sorted(self.stats.items()):
+            read = c["accepted"] + c["hsv"] + c["read_error"]
+            rows.append({"dataset": name, "slide_id": slide_id, "mpp": mpp, **c,
+                         "accept_rate": round(c["accepted"] / read, 4) if read else None})
+        return rows
+
+    # -- pool and slides
+
+    def _pool_slide(self, d: int, k: int, i: int) -> int:
+        """The slide in pool slot k of dataset d at draw i: a pure function of the seed, the
+        slot, its epoch and the slides dropped so far."""
+        ds = self.datasets[d]
+        alive = [j for j, s in enumerate(ds.slides) if (d, s.slide_id) not in self.dropped]
+        if not alive:
+            reasons = [f"{ds.slides[j].path}: {self.dropped[(d, s.slide_id)]}"
+                       for j, s in enumerate(ds.slides[:3])]
+            raise RuntimeError(f"dataset {ds.name!r}: all {len(ds.slides)} slides were dropped "
+                               f"as unusable, e.g. {'; '.join(reasons)}")
+        period = self.periods[d]
+        epoch = (i + k * period // self.pool) // period
+        rng = np.random.default_rng(self.seed + [TAG_POOL, d, k, epoch])
+        for _ in range(16):  # uniform over the slides left, by rejection while few are dropped
+            j = int(rng.integers(len(ds.slides)))
+            if (d, ds.slides[j].slide_id) not in self.dropped:
+                return j
+        return alive[int(rng.integers(len(alive)))]
+
+    def _drop(self, d: int, j: int, reason: str) -> None:
+        spec = self.datasets[d].slides[j]
+        self.dropped[(d, spec.slide_id)] = reason[:300]
+        self.counts["slide_error"] += 1
+        self.open.drop((d, j))
+        log.warning("dropped slide %s (dataset %r): %s", spec.path, self.datasets[d].name, reason)
+
+    def _slot(self, d: int, k: int, i: int) -> tuple[int, SlideEntry]:
+        while True:  # each failure drops a slide, so this ends (or raises: all dropped)
+            j = self._pool_slide(d, k, i)
+            entry = self.open.get((d, j))
+            if entry is not None:
+                return j, entry
+            spec = self.datasets[d].slides[j]
+            try:
+                entry = SlideEntry(spec, self.params, self.masks,
+                                   self.read_errors.get((d, spec.slide_id), 0))
+            except Exception as err:  # noqa: BLE001 - one slide's failure never ends the run
+                self._drop(d, j, str(err) if isinstance(err, SlideError) else f"{type(err).__name__}: {err}")
+                continue
+            self.open.put((d, j), entry)
+            return j, entry
+
+    # -- draws
+
+    def draw(self) -> Tile:
+        """The next accepted tile of the stream."""
+        i = self.draws
+        rng = np.random.default_rng(self.seed + [TAG_DRAW, i])
+        d = int(rng.choice(len(self.datasets), p=self.weights)) if len(self.datasets) > 1 else 0
+        failed: dict[int, int] = {}
+        while True:  # every failed round counts against a slide, which is dropped in the end
+            k = int(rng.integers(self.pool))
+            j, entry = self._slot(d, k, i)
+            target, sampler = entry.usable[int(rng.integers(len(entry.usable)))]
+            try:
+                tile = self._candidates(d, j, entry, target, sampler, rng)
+            except SlideError as err:  # MAX_READ_ERRORS reached
+                self._drop(d, j, str(err))
+                continue
+            if tile is not None:
+                self.draws += 1
+                return tile
+            failed[j] = failed.get(j, 0) + 1
+            if failed[j] >= DROP_AFTER_ROUNDS:
+                self._drop(d, j, f"no tile passed the filters in {DROP_AFTER_ROUNDS * MAX_CANDIDATES} "
+                                 f"candidates (HSV: >= {self.params.hsv_min_fraction:.0%} of pixels "
+                                 f"in range)")
+
+    def _candidates(self, d: int, j: int, entry: SlideEntry, target: Target,
+                    sampler: TissueSampler, rng: np.random.Generator) -> Tile | None:
+        """Up to MAX_CANDIDATES positions at (slide, µm/px): the first that reads and passes
+        the HSV filter, or None."""
+        ds, spec, params = self.datasets[d], self.datasets[d].slides[j], self.params
+        stats = self.stats.setdefault((ds.name, spec.slide_id, target.mpp),
+                                      {"accepted": 0, "foreground": 0, "hsv": 0, "read_error": 0})
+        positions = sampler.positions(rng, rejected=stats, batch=POSITION_BATCH)
+        for n, (x0, y0, frac) in enumerate(positions):
+            if n == MAX_CANDIDATES:
+                break
+            xl, yl = target.corner(x0, y0)
+            try:
+                rgb = entry.reader.tile(target, xl, yl)
+            finally:
+                if entry.reader.errors:
+                    self.read_errors[(d, spec.slide_id)] = entry.reader.errors
+            if isinstance(rgb, SlideError):
+                stats["read_error"] += 1
+                self.counts["read_error"] += 1
+                continue
+            hf = hsv_fraction(rgb)
+            if hf < params.hsv_min_fraction:
+                stats["hsv"] += 1
+                continue
+            stats["accepted"] += 1
+            x, y = target.level0(xl, yl)
+            return Tile(sample_key(spec.slide_id, target.mpp, x, y), rgb, ds.name, spec.slide_id,
+                        spec.path, spec.group, target.mpp, x, y, target.level.index,
+                        target.read_size, round(target.read_size * target.level.downsample, 3),
+                        params.tile_size, round(frac, 4), round(hf, 4))
+        return None
+
+
+def tile_sampler(cfg: DataConfig, *, seed: int = 0, stream: int = 0, n_streams: int = 1,
+                 state: dict[str, Any] | None = None) -> TileSampler:
+    """Stream ``stream`` of ``n_streams``' tile sampler of a slide source, outside the
+    DataLoader (previews, acceptance statistics, benchmarks). The training loader's stream s of
+    S draws the same tiles with ``seed`` = its stream seed."""
+    datasets = slide_datasets(cfg)
+    return TileSampler(datasets, cfg.tile_params(), seed=[int(seed) & 0xFFFFFFFF, n_streams, stream],
+                       slide_pool=cfg.slide_pool, draws_per_slide=cfg.draws_per_slide,
+                       mask_cache_dir=cfg.mask_cache_dir, state=state)
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+class SlideStream:
+    """One logical worker's endless batches from slides (runs inside a DataLoader worker)."""
+
+    def __init__(self, cfg: DataConfig, datasets: list[SlideDataset], *, seed: int, stream: int,
+                 n_streams: int, worker: int, position: dict[str, Any] | None = None) -> None:
+        self.cfg, self.worker = cfg, worker
+        self.seed = [int(seed) & 0xFFFFFFFF, n_streams, stream]
+        self.sampler = TileSampler(datasets, cfg.tile_params(), seed=self.seed,
+                                   slide_pool=cfg.slide_pool, draws_per_slide=cfg.draws_per_slide,
+                                   mask_cache_dir=cfg.mask_cache_dir, state=position)
+        self.batches = int(position["batches"]) if position else 0
+
+    def position(self) -> dict[str, Any]:
+        return {"worker": self.worker, "batches": self.batches, **self.sampler.state()}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        cfg = self.cfg
+        try:
+            while True:
+                geometry = draw_geometry(np.random.default_rng(self.seed + [TAG_GEOMETRY, self.batches]),
+                                         cfg.batch_size, cfg)
+                batch = CropBatch(cfg.batch_size, cfg)
+                for row in range(cfg.batch_size):
+                    tile = self.sampler.draw()
+                    batch.add(tile.key, Image.fromarray(tile.rgb), geometry, row)
+                rng = np.random.default_rng(self.seed + [TAG_MASK, self.batches])
+                masks = batch_masks(rng, 2 * cfg.batch_size, cfg.global_crop_size // cfg.patch_size,
+                                    sample_probability=cfg.mask_sample_probability,
+                                    ratio_min_max=tuple(cfg.mask_ratio_min_max),
+                                    max_fraction=cfg.mask_max_fraction, min_patches=cfg.mask_min_patches)
+                self.batches += 1
+                yield {**batch.tensors(), "masks": torch.from_numpy(masks), "_position": self.position()}
+        finally:
+            self.sampler.close()
+
+
+class SlideStreamDataset(StreamDataset):
+    """Streams of online-patched slides; the slide lists are read and checked at construction,
+    so a wrong path fails before training starts."""
+
+    reasons = REASONS
+
+    def __init__(self, cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> None:
+        super().__init__(cfg, seed=seed, rank=rank, world_size=world_size)
+        self.datasets = slide_datasets(cfg)
+        check_slides(self.datasets)
+
+    def make_stream(self, *, stream: int, n_streams: int, worker: int,
+                    position: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+        return iter(SlideStream(self.cfg, self.datasets, seed=self.seed, stream=stream,
+                                n_streams=n_streams, worker=worker, position=position))
+
+
+__all__ = ["SlideDataset", "SlideStream", "SlideStreamDataset", "Tile",
+           "TileSampler", "check_slides", "open_slide", "read_tile", "slide_datasets", "tile_sampler"]
