@@ -12,6 +12,7 @@ import click
 from tqdm import tqdm
 
 from . import locks, shards, storage
+from .estimate import DEFAULT_CORES_PER_NODE, DEFAULT_NODES
 from .executors import run_jobs, sigterm_exits
 from .jobstate import JobState, check_jobs, foreign_message, other_manifests
 from .plan import BuildParams, Plan, PlanError, make_plan
@@ -421,18 +422,81 @@ def build(workers, executor, ray_address, ray_jobs_per_worker, ray_retries, veri
                           executor=ex, where=where))
 
 
+def cost_options(f):
+    opts = [
+        click.option("--estimate", is_flag=True,
+                     help="Print the cost model (tiles, shards, core-hours, wall time, slide bytes read, "
+                          "shard bytes stored) without reading pixels; writes nothing, not even plan.json."),
+        click.option("--dry-run", is_flag=True,
+                     help="Check the whole recipe: slides there and readable, µm/px known (headers only), "
+                          "output writable (a probe object, deleted again); print the cost model. "
+                          "Writes no plan.json. Exit status 1 with the list of what failed."),
+        click.option("--nodes", default=DEFAULT_NODES, show_default=True, type=click.IntRange(min=1),
+                     help="With --estimate/--dry-run: nodes for the wall time."),
+        click.option("--cores-per-node", default=DEFAULT_CORES_PER_NODE, show_default=True,
+                     type=click.IntRange(min=1), help="With --estimate/--dry-run: workers per node."),
+        click.option("--slide-sizes", type=click.Path(exists=True, dir_okay=False),
+                     help="With --estimate/--dry-run: slide file sizes by file name from a GDC manifest "
+                          "(id, filename, md5, size) or a CSV with filename/path and size, for slides "
+                          "not downloaded yet."),
+        click.option("--json", "as_json", is_flag=True, help="With --estimate/--dry-run: machine-readable."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def _cost(options: dict, dry_run: bool, nodes: int, cores_per_node: int, sizes_file: str | None,
+          as_json: bool) -> int:
+    """`plan --estimate` / `plan --dry-run`: the cost model, after the recipe's checks with
+    ``dry_run``; the exit status."""
+    from .dryrun import dry_run as check
+    from .estimate import estimate, format_estimate, slide_sizes
+
+    plan = _plan_from_options(**options)
+    try:
+        sizes = slide_sizes([s.path for s in plan.slides], sizes_file)
+    except (OSError, ValueError) as e:
+        raise click.UsageError(f"--slide-sizes: {e}") from e
+    cost = estimate(plan, nodes, cores_per_node, sizes)
+    checked = check(plan) if dry_run else None
+    if as_json:
+        click.echo(json.dumps({"estimate": cost, **(checked or {})}, indent=1))
+    else:
+        if checked is not None:
+            click.echo(f"dry run of {len(plan.slides)} slides, {len(plan.jobs)} jobs -> {plan.output}")
+            for title, rows in (("problems", checked["problems"]), ("notes", checked["notes"])):
+                if rows:
+                    click.echo(f"  {title} ({len(rows)}):")
+                    click.echo("\n".join(f"    {r}" for r in rows[:50]))
+                    if len(rows) > 50:
+                        click.echo(f"    ... and {len(rows) - 50} more (see --json)")
+        click.echo(format_estimate(cost))
+        if checked is not None:
+            click.echo(f"dry run: {len(checked['problems'])} problem(s)" if checked["problems"] else
+                       "dry run: everything checked is ready (no plan.json written)")
+    return 1 if checked and checked["problems"] else 0
+
+
 @main.command("plan")
 @plan_options
 @STORAGE_OPTIONS
+@cost_options
 @one_line_errors
-def plan_cmd(storage_options, **options) -> None:
+def plan_cmd(storage_options, estimate, dry_run, nodes, cores_per_node, slide_sizes, as_json, **options) -> None:
     """Write OUTPUT/plan.json (the jobs, their slides and quotas) without running anything;
     then `midnight-prep run` it, anywhere and in any number of pieces. For example:
 
     \b
     midnight-prep plan slides.csv --output s3://bucket/tcga --total-tiles 100000000
     midnight-prep plan slides/ --output out/ --tiles-per-slide 2000 --slides-per-job 16
+    midnight-prep plan slides.csv --output s3://bucket/tcga --total-tiles 100000000 --estimate \
+        --nodes 4 --cores-per-node 32 --slide-sizes gdc_manifest.txt
+    midnight-prep plan standin.csv --output s3://bucket/tcga-dry --total-tiles 1000 --dry-run
     """
+    if estimate or dry_run:  # no first look at the output: the dry run probes it and lists what fails
+        storage.configure(options["output"], storage_options)
+        sys.exit(_cost(options, dry_run, nodes, cores_per_node, slide_sizes, as_json))
     _use_storage(options["output"], storage_options)
     plan = _plan_from_options(**options)
     url = _store_plan(plan)
