@@ -32,6 +32,7 @@ from pathlib import Path
 import fsspec
 
 from .shards import _partial, create_new, is_local, join, local_path
+from .storage import is_transient
 
 LOCK_DIR = "locks"
 HEARTBEAT_S = 60.0
@@ -221,13 +222,18 @@ class Lock:
         self._written = now
 
     def release(self) -> None:
+        """Remove the lock; with the storage down it is left to go stale (its owner is gone
+        by then), so that the job's own outcome, not this, is what gets reported."""
         _HEARTBEAT.forget(self)
-        if self.holds():
-            fs, path = fsspec.core.url_to_fs(self.url)
-            try:
+        try:
+            if self.holds():
+                fs, path = fsspec.core.url_to_fs(self.url)
                 fs.rm_file(path)
-            except FileNotFoundError:
-                pass
+        except FileNotFoundError:
+            pass
+        except Exception as exn:
+            if not is_transient(exn):
+                raise
 
 
 def acquire(url: str, job_id: str) -> Lock | dict:
