@@ -20,7 +20,7 @@ from .shards import is_local, local_path
 # Accepted tiles per second on one core at 256 px, 4-magnification mix (2/1/0.5/0.25 µm/px) on
 # the TCGA-like synthetic 40x pyramid: the slowest (`bench/prep.py --quota 120`, loaded machine)
 # and the fastest (`bench/prep.py`) run in BENCHMARKS.md "Shard builder". A whole build (shuffle
-# and shard writing included) ran at 458 tiles/s per CPU-second (BENCHMARKS.md "Cost model
+# and shard writing included) ran at 461 tiles/s per CPU-second (BENCHMARKS.md "Cost model
 # figures"), so the range is not optimistic for slides on local disk.
 TILES_PER_CORE_S = (251.0, 423.0)
 RATE_TILE_SIZE = 256  # other tile sizes: the rate scales with 1 / pixels (512 px measured 4.0x slower)
@@ -121,6 +121,8 @@ def estimate(plan: Plan, nodes: int = DEFAULT_NODES, cores_per_node: int = DEFAU
     sizes = sizes if sizes is not None else slide_sizes([s.path for s in plan.slides])
     known = [v for v in sizes.values() if v is not None]
     stored = sum(n * bytes_per_tile(p.tile_size, float(m)) for m, n in per_mpp.items())
+    wall = {"low": _wall_hours(job_tiles, workers, fast), "high": _wall_hours(job_tiles, workers, slow)}
+    busy_nodes = min(nodes, max(1, math.ceil(len(job_tiles) / cores_per_node)))
     return {
         "slides": len(plan.slides),
         "jobs": len(plan.jobs),
@@ -134,9 +136,11 @@ def estimate(plan: Plan, nodes: int = DEFAULT_NODES, cores_per_node: int = DEFAU
         "core_hours": {"low": tiles / fast / 3600, "high": tiles / slow / 3600},
         "nodes": nodes,
         "cores_per_node": cores_per_node,
-        "wall_hours": {"low": _wall_hours(job_tiles, workers, fast),
-                       "high": _wall_hours(job_tiles, workers, slow)},
+        "wall_hours": wall,
         "slide_bytes": sum(known),
+        # what each busy node must read to keep its cores busy (slides on object storage or a shared FS)
+        "read_bytes_per_s_per_node": {k: sum(known) / (h * 3600) / busy_nodes if h else 0.0
+                                      for k, h in wall.items()},
         "slides_of_unknown_size": len(sizes) - len(known),
         "storage_bytes": round(stored),
         "bytes_per_tile": round(stored / tiles) if tiles else None,
@@ -160,6 +164,7 @@ def format_estimate(e: dict) -> str:
         f"(at {rate['fast']:.0f}-{rate['slow']:.0f} tiles/s per core)",
         f"  wall time      {duration(wall['low'] * 3600)} to {duration(wall['high'] * 3600)} on "
         f"{e['nodes']} node(s) x {e['cores_per_node']} cores, if the slides arrive fast enough",
-        f"  slides read    {egress}",
+        f"  slides read    {egress}; to keep the cores busy each node reads "
+        f"{size(e['read_bytes_per_s_per_node']['high'])}/s to {size(e['read_bytes_per_s_per_node']['low'])}/s",
         f"  shards stored  {size(e['storage_bytes'])} ({e['bytes_per_tile']:,} bytes per tile)",
     ])
