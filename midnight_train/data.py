@@ -1,4 +1,5 @@
-"""Training input: webdataset shards → DINOv2 multi-crop batches with an exact, resumable position.
+"""Training input: webdataset shards (or whole-slide images, online) → DINOv2 multi-crop batches
+with an exact, resumable position.
 
 Contract (what the trainer relies on)
 -------------------------------------
@@ -19,7 +20,8 @@ Contract (what the trainer relies on)
 - `iter(loader)` starts the workers at once, never draws from the global torch/numpy/random
   generators, and a new `iter()` continues from the current position (one iterator at a time).
 - `counters()` gives skipped-sample counts by reason (`decode_error`, `malformed`, `shard_error`,
-  `shard_truncated`), summed over workers as of the batches consumed so far.
+  `shard_truncated`; for slides `slide_error`, `read_error`), summed over workers as of the
+  batches consumed so far.
 
 Sources
 -------
@@ -27,6 +29,13 @@ Sources
 `{"shards": ..., "weight": 1.0, "group": None, "name": None}` mixed with probabilities
 proportional to `weight`); each is a shard source as `midnight_train.sources` reads it. `group`
 keeps only samples whose JSON `group` field equals it (e.g. two datasets from one shard set).
+
+`DataConfig.slides` (or datasets with `slides` instead of `shards`; the two kinds are not mixed
+in one run) trains from whole-slide images by online patching: `midnight_train.slide_source`,
+with the tile parameters `tiles` (midnight-prep's), `slide_pool`, `draws_per_slide` and
+`mask_cache_dir`. Its streams follow the same contract (batches, positions, worker rotation)
+with every draw seeded by its index; its module docstring says how. The rest of this docstring
+is about shards.
 
 How the stream is built (and why resume is exact)
 -------------------------------------------------
