@@ -120,17 +120,28 @@ def test_recipe_dry_run_on_a_stand_in_list(slide_dir, cmu_slide, tmp_path):
     assert problems[2].startswith(f"output: cannot write {blocked / 'x'}")
 
 
-def test_recipe_dry_run_on_object_storage(slide_dir, s3_env):
+def test_recipe_dry_run_on_object_storage(slide_dir, s3_env, tmp_path):
+    import fsspec
     from click.testing import CliRunner
 
     from midnight_prep.cli import main
 
     slide = str(slide_dir / "generic40x.tiff")
+    fs = fsspec.filesystem("s3")
+    fs.put_file(str(slide_dir / "scan20x.tiff"), "midnight/dry-run-slides/a/scan20x.tiff")
+    fs.put_file(str(slide_dir / "aperio40x.svs"), "midnight/dry-run-slides/b/aperio40x.svs")
+    listed = tmp_path / "remote.csv"
+    listed.write_text("path\ns3://midnight/dry-run-slides/a/scan20x.tiff\ns3://midnight/dry-run-slides/b/aperio40x.svs\n"
+                      "s3://midnight/dry-run-slides/c/gone.svs\n")
+    remote = CliRunner().invoke(main, ["plan", str(listed), "-o", "s3://midnight/dry-run", "--dry-run", "--json"])
+    assert remote.exit_code == 1, remote.output
+    checked = json.loads(remote.output)
+    assert checked["problems"] == ["slide gone: not found: s3://midnight/dry-run-slides/c/gone.svs"]
+    assert checked["estimate"]["slide_bytes"] == sum(
+        (slide_dir / n).stat().st_size for n in ("scan20x.tiff", "aperio40x.svs"))  # one listing
+    assert checked["estimate"]["slides_of_unknown_size"] == 1
     ok = CliRunner().invoke(main, ["plan", slide, "-o", "s3://midnight/dry-run", "--dry-run"])
     assert ok.exit_code == 0, ok.output
-    import fsspec
-
-    fs = fsspec.filesystem("s3")
     fs.invalidate_cache()
     assert not [p for p in fs.find("midnight/dry-run") if "probe" in p]  # the probe object is deleted
     missing = CliRunner().invoke(main, ["plan", slide, "-o", "s3://no-bucket-for-dry-run/x", "--dry-run"])
