@@ -268,6 +268,7 @@ RESUME_MAY_CHANGE = (
     # how the same model is laid out over the processes (sharded checkpoints load either way)
     "train.fsdp",
     "data.timeout_s", "data.read_retry_s", "data.prefetch_factor",
+    "data.mask_cache_dir",  # where tissue masks are cached, never what they are
     # evaluation during training reads the model, never changes it
     "eval.every", "eval.sets", "eval.methods", "eval.k", "eval.shots", "eval.repeats",
     "eval.batch_size",

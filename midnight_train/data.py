@@ -169,6 +169,8 @@ class DataConfig:
     def tile_params(self) -> BuildParams:
         """The tile parameters of a slide source, validated and defaulted by midnight-prep's
         own rules (the same tiles as the shard builder's)."""
+        if not isinstance(self.tiles, (dict, type(None))):
+            raise ValueError(f"data.tiles must be a mapping such as {{tile_size: 256}}, got {self.tiles!r}")
         tiles = dict(self.tiles or {})
         unknown = sorted(set(tiles) - set(TILE_KEYS))
         if unknown:
