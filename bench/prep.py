@@ -8,14 +8,24 @@
 
 Reported as accepted tiles/s per core (medians over repeats), with ratios, and the core-hours
 tcga-100M (100 M tiles) would take at our rate. Usage: python bench/prep.py [--quick]
+
+With --output URL (s3://bucket/prefix, or --start-object-store for a throw-away local SeaweedFS):
+whole builds (plan -> jobs in a process pool -> shards and manifests uploaded) of four 40x slides,
+to that URL and to a local folder with the same workers, interleaved; tiles/s (wall clock) as
+medians over repeats and the ratio object storage / local disk.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -93,13 +103,99 @@ def run_floor(path: Path, metas: list[dict]) -> float:
     return len(metas) / elapsed
 
 
+def _build(slides: list[str], output: str, tiles: int, workers: int) -> tuple[int, float]:
+    """(tiles written, wall seconds) of a whole build of ``slides`` (one job each) to ``output``."""
+    from midnight_prep.executors import run_jobs
+    from midnight_prep.plan import make_plan
+
+    plan = make_plan(slides, output, BuildParams(shard_size=200), tiles_per_slide=tiles, slides_per_job=1)
+    started = time.perf_counter()
+    outcomes = run_jobs(plan.jobs, plan.params, plan.output, plan.sha256(), workers)
+    elapsed = time.perf_counter() - started
+    errors = [o.error for o in outcomes.values() if o.error is not None]
+    assert not errors, errors[0]
+    return sum(o.manifest["samples"] for o in outcomes.values()), elapsed
+
+
+def _versions(output: str) -> str:
+    import botocore
+    import fsspec
+    import s3fs
+
+    from midnight_prep.versions import describe
+
+    extra = [f"fsspec {fsspec.__version__}, s3fs {s3fs.__version__}, botocore {botocore.__version__}"]
+    try:
+        extra.append(subprocess.run(["weed", "version"], capture_output=True, text=True,
+                                    env={**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+                                    ).stdout.strip().replace("version ", "SeaweedFS ", 1))
+    except OSError:
+        pass
+    return describe("midnight-prep", tuple(extra)) + f"\noutput {output} (endpoint {os.environ.get('AWS_ENDPOINT_URL', 'AWS default')})"
+
+
+def output_bench(args) -> None:
+    """Object storage vs local disk, whole builds, same workers, interleaved."""
+    import fsspec
+
+    store = None
+    if args.start_object_store:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        from object_store import BUCKET, ObjectStore
+
+        store = ObjectStore(tempfile.mkdtemp(prefix="bench-object-store-"))
+        store.start()
+        os.environ.update(store.env())
+        args.output = args.output or f"s3://{BUCKET}/bench-prep"
+    try:
+        big = big_pyramid()
+        with tempfile.TemporaryDirectory(prefix="bench-prep-") as tmp:
+            slides = []
+            for i in range(4):  # one pyramid under four names: four slides, four jobs
+                link = Path(tmp, f"slide{i}.tiff")
+                link.symlink_to(big)
+                slides.append(str(link))
+            _build(slides[:1], f"{tmp}/warm", 8, 1)  # imports and caches outside the timing
+            rates: dict[str, list[float]] = {"local disk": [], "object storage": []}
+            count = 0
+            for r in range(args.repeats):
+                kinds = ["local disk", "object storage"] if r % 2 == 0 else ["object storage", "local disk"]
+                for kind in kinds:
+                    out = (f"{tmp}/out-{r}" if kind == "local disk"
+                           else f"{args.output.rstrip('/')}/{uuid.uuid4().hex[:8]}")
+                    count, seconds = _build(slides, out, args.tiles_per_slide, args.workers)
+                    rates[kind].append(count / seconds)
+                    fs, path = fsspec.core.url_to_fs(out)
+                    fs.rm(path, recursive=True)
+        print(_versions(args.output))
+        print(f"\n{len(slides)} slides (synthetic 40x 16k x 12k), {count} tiles per build, "
+              f"shards of 200, {args.workers} workers, {args.repeats} repeats (interleaved)\n")
+        print("| output | tiles/s (median) | runs | vs local disk |")
+        print("|---|---:|---|---:|")
+        local = statistics.median(rates["local disk"])
+        for kind, values in rates.items():
+            median = statistics.median(values)
+            print(f"| {kind} | {median:.0f} | {', '.join(f'{v:.0f}' for v in values)} | {median / local:.0%} |")
+    finally:
+        if store is not None:
+            store.remove()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer tiles and repeats")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--quota", type=int, default=200,
                     help="tiles per µm/px per run; 120 matches tcga-100M's density (2 k per µm/px on ~125 mm² of tissue)")
+    ap.add_argument("--output", help="object storage URL: compare whole builds there and on local disk")
+    ap.add_argument("--start-object-store", action="store_true",
+                    help="with --output (default s3://midnight/bench-prep): a throw-away local SeaweedFS")
+    ap.add_argument("--workers", type=int, default=2, help="with --output: pool workers")
+    ap.add_argument("--tiles-per-slide", type=int, default=400, help="with --output")
     args = ap.parse_args()
+    if args.output or args.start_object_store:
+        output_bench(args)
+        return
     repeats, quota = (1, 50) if args.quick else (args.repeats, args.quota)
     hsv_fraction(np.zeros((1, 1, 3), np.uint8))  # build/load the lookup table outside timing
     slides = {"CMU-1-Small-Region (real, 20x, 1 level)": cmu_small_region(),
