@@ -89,10 +89,13 @@ def endpoint_of(url: str) -> str:
     if scheme in ("", "file"):
         return "the local filesystem"
     if scheme in ("s3", "s3a"):
-        options = fsspec.config.conf.get(scheme, {})
-        return (options.get("endpoint_url") or options.get("client_kwargs", {}).get("endpoint_url")
-                or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-                or "AWS S3 (no AWS_ENDPOINT_URL set)")
+        try:  # what botocore resolved from the options, the AWS variables and the profile
+            return fsspec.filesystem(scheme).s3.meta.endpoint_url
+        except Exception:
+            options = fsspec.config.conf.get(scheme, {})
+            return (options.get("endpoint_url") or options.get("client_kwargs", {}).get("endpoint_url")
+                    or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+                    or "AWS S3 (no AWS_ENDPOINT_URL set)")
     return f"{scheme}://"
 
 

@@ -89,6 +89,24 @@ def test_unusable_storage_is_one_paragraph_in_seconds(slide_dir, s3_env, monkeyp
         assert result.exit_code == 1 and "there is no bucket 'no-such-bucket'" in result.output, result.output
 
 
+def test_endpoint_and_credentials_from_an_aws_profile(slide_dir, s3_env, monkeypatch, tmp_path):
+    """No AWS variable but AWS_PROFILE: botocore reads the endpoint and keys from the files."""
+    (tmp_path / "config").write_text(f"[profile lab]\nregion = us-east-1\nendpoint_url = {s3_env.endpoint}\n")
+    (tmp_path / "credentials").write_text(
+        f"[lab]\naws_access_key_id = {ACCESS_KEY}\naws_secret_access_key = {SECRET_KEY}\n")
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "lab")
+    fsspec.filesystem("s3").clear_instance_cache()
+    made = prep("plan", slide_dir / "scan20x.tiff", "-o", "s3://midnight/faults-profile", *OPTIONS)
+    assert made.exit_code == 0, made.output
+    assert shards.exists("s3://midnight/faults-profile/plan.json")
+    missing = prep("status", "s3://no-such-bucket/x")
+    assert missing.exit_code == 1 and f"endpoint {s3_env.endpoint}" in missing.output, missing.output
+
+
 def test_server_killed_mid_upload_then_rerun_gives_a_clean_build(slide_dir, s3_env, tmp_path):
     slides = [slide_dir / "generic40x.tiff", slide_dir / "aperio40x.svs"]
     clean = prep("build", *slides, "-o", tmp_path / "clean", *OPTIONS)
