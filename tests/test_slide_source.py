@@ -98,6 +98,9 @@ def test_exact_resume_across_workers_and_disjoint_streams(slide_dir, cmu_slide):
             assert torch.equal(a[k], b[k])
     assert resumed.counters()["slide_error"] >= 1
 
+    # tile_sampler (previews, statistics) draws what the loader's stream does
+    with tile_sampler(c, seed=3, stream=1, n_streams=2) as sampler:
+        assert [sampler.draw().key for _ in range(4)] == straight[1]["keys"]
     # worker streams and rank streams draw different tiles
     assert set(straight[0]["keys"]).isdisjoint(straight[1]["keys"])
     other = next(iter(make_loader(cfg(slides), seed=3, rank=1, world_size=2)))
