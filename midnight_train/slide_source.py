@@ -64,7 +64,7 @@ from midnight_prep.hsv import hsv_fraction
 from midnight_prep.job import Target, TileReader, cut_tile, mask_mpp, slide_mask, tile_target
 from midnight_prep.plan import BuildParams, PlanError, SlideSpec, make_plan
 from midnight_prep.sampling import TissueSampler
-from midnight_prep.shards import sample_key
+from midnight_prep.shards import safe_slide_id, sample_key
 from midnight_prep.slides import Slide, SlideError
 from midnight_prep.tissue import ForegroundMap
 from midnight_train.crops import CropBatch, draw_geometry
@@ -105,8 +105,8 @@ def slide_datasets(cfg: DataConfig) -> list[SlideDataset]:
                                tiles_per_slide=1, slides_per_job=1 << 30).slides
         except PlanError as err:
             raise ValueError(f"data.slides (dataset {name!r}): {err}") from None
-        if spec.get("group") is not None:
-            slides = [s for s in slides if s.group == spec["group"]]
+        if spec.get("group") is not None:  # spelt as the builder spells groups
+            slides = [s for s in slides if s.group == safe_slide_id(str(spec["group"]))]
             if not slides:
                 raise ValueError(f"data.slides (dataset {name!r}): no slide of group {spec['group']!r}")
         out.append(SlideDataset(name, float(spec.get("weight", 1.0)), slides))

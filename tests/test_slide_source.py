@@ -200,6 +200,17 @@ def test_config_keys(slide_dir, tmp_path):
         load_config(tiny, [f"data.slides={one}", "data.slide_pol=3"])
     with pytest.raises(ValueError, match="no such file"):
         make_loader(cfg(str(tmp_path / "missing.svs")), seed=0, rank=0, world_size=1)
+    # a CSV slide list as midnight-prep reads it: ids, groups (spelt as the builder spells
+    # them), µm/px overrides
+    (tmp_path / "list.csv").write_text(f"path,slide_id,group,mpp\n{one},s20,tcga.brca,\n"
+                                       f"{slide_dir / 'nompp.tiff'},n1,other,0.25\n")
+    [brca] = slide_datasets(DataConfig(datasets=[{"slides": str(tmp_path / "list.csv"),
+                                                  "group": "tcga.brca"}]))
+    assert [(s.slide_id, s.group, s.path) for s in brca.slides] == [("s20", "tcga-brca", one)]
+    [both] = slide_datasets(DataConfig(slides=str(tmp_path / "list.csv")))
+    assert [(s.slide_id, s.mpp) for s in both.slides] == [("n1", 0.25), ("s20", None)]
+    with tile_sampler(DataConfig(slides=str(tmp_path / "list.csv"), tiles={"tile_size": 64})) as sampler:
+        assert {sampler.draw().slide_id for _ in range(20)} == {"n1", "s20"}  # n1: by its override
 
 
 def test_fit_from_slides_resumes_exactly(cmu_slide, tmp_path):
