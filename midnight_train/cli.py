@@ -45,30 +45,62 @@ def data() -> None:
 
 
 @data.command()
-@click.argument("source")
+@click.argument("source", required=False)
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
+              help="Training YAML: inspect its data source (shards, or slides drawn online).")
 @click.option("--samples", "n_samples", default=200, show_default=True,
-              help="Read the JSON and decode the JPEG of this many samples (from the first shards).")
+              help="Shards: read the JSON and decode the JPEG of this many samples (from the "
+                   "first shards). Slides: draw this many tiles.")
 @click.option("--count-shards", default=16, show_default=True,
               help="Without manifests, count the samples of at most this many shards.")
+@click.option("--seed", default=0, show_default=True, help="Slides: the seed of the draws.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(source: str, n_samples: int, count_shards: int, as_json: bool) -> None:
-    """Summarise a shard SOURCE: shards found, samples per shard (from the shard builder's
-    manifests when present, else by counting), groups, µm/px and tile sizes of the first
-    samples, and the damaged/skipped samples met on the way.
+def inspect(source: str | None, config_path: str | None, n_samples: int, count_shards: int,
+            seed: int, as_json: bool) -> None:
+    """Summarise a shard SOURCE, or the data source of a training --config.
+
+    Shards: shards found, samples per shard (from the shard builder's manifests when present,
+    else by counting), groups, µm/px and tile sizes of the first samples, and the
+    damaged/skipped samples met on the way.
+
+    Slides (data.slides or datasets of slides, online patching): --samples tiles drawn as one
+    training stream draws them, with the acceptance per µm/px and per slide (candidates,
+    accepted, rejected for foreground, HSV or a failed read), the µm/px a slide cannot give,
+    the slides dropped and why, and the tile sizes.
 
     \b
       midnight-train data inspect out/                  # a midnight-prep output directory
       midnight-train data inspect 's3://bucket/tcga-100M/shards/job-{000000..000099}-0000.tar' --json
+      midnight-train data inspect --config examples/midnight-12k.yaml --samples 500
     """
     import json
 
-    from midnight_train.preview import format_inspection, inspect_source
+    from midnight_train.config import ConfigError, load_config
+    from midnight_train.preview import format_inspection, inspect_slides, inspect_source
 
+    if (source is None) == (config_path is None):
+        raise click.UsageError("give a shard SOURCE or a --config (not both)")
     try:
-        info = inspect_source(source, n_samples=n_samples, count_shards=count_shards)
-    except (FileNotFoundError, ValueError) as err:
+        if source is not None:
+            infos = [inspect_source(source, n_samples=n_samples, count_shards=count_shards)]
+        else:
+            try:
+                data_cfg = load_config(config_path).data
+            except (ConfigError, ValueError) as err:
+                raise click.UsageError(str(err)) from err
+            if data_cfg.source_kind() == "slides":
+                infos = [inspect_slides(data_cfg, n_draws=n_samples, seed=seed)]
+            else:
+                infos = [{"dataset": spec.get("name"),
+                          **inspect_source(spec["shards"], n_samples=n_samples, count_shards=count_shards)}
+                         for spec in data_cfg.dataset_specs()]
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
-    click.echo(json.dumps(info, indent=1) if as_json else format_inspection(info))
+    if as_json:
+        click.echo(json.dumps(infos[0] if len(infos) == 1 else infos, indent=1))
+    else:
+        click.echo("\n\n".join((f"dataset {i['dataset']}:\n" if len(infos) > 1 else "")
+                                + format_inspection(i) for i in infos))
 
 
 @data.command()
@@ -87,8 +119,9 @@ def preview(source: str | None, config_path: str | None, out_path: str, samples:
     cut and augmented by the training pipeline's own functions.
 
     SOURCE is a shard source (output directory, brace pattern, .tar, prefix, fsspec URL);
-    it replaces the config's data.shards/datasets. The config is read and checked exactly as
-    `fit` reads it.
+    it replaces the config's data source. The config is read and checked exactly as `fit`
+    reads it; with a slide source (data.slides, online patching) the tiles are drawn from the
+    slides as a training stream draws them (--seed).
 
     \b
       midnight-train data preview out/ --out preview.png
@@ -100,7 +133,7 @@ def preview(source: str | None, config_path: str | None, out_path: str, samples:
     try:
         cfg = load_config(config_path, [f"data.shards={source}"] if source else [])
     except (ConfigError, ValueError) as err:
-        hint = "" if source or config_path else " (give a SOURCE or a --config with data.shards)"
+        hint = "" if source or config_path else " (give a SOURCE or a --config with a data source)"
         raise click.UsageError(f"{err}{hint}") from err
     data_cfg, aug_cfg = cfg.data, cfg.augment
     overrides = {k: v for k, v in (("hed_sigma_alpha", hed_sigma_alpha), ("hed_sigma_beta", hed_sigma_beta)) if v is not None}
@@ -110,7 +143,7 @@ def preview(source: str | None, config_path: str | None, out_path: str, samples:
     aug_cfg = dataclasses.replace(aug_cfg, **overrides)
     try:
         path = render_preview(data_cfg, aug_cfg, out_path, n_samples=samples, seed=seed)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"wrote {path}")
 

@@ -1,10 +1,13 @@
 """What a user looks at before training: `inspect_source` (shard/sample counts, groups, µm/px,
-damage) and a PNG grid to sanity-check augmentation: per sample, the original tile, then its two
-augmented global crops and its local crops, exactly as the training pipeline produces them."""
+damage), `inspect_slides` for a slide source (online patching: acceptance per slide and µm/px
+over a number of draws) and a PNG grid to sanity-check augmentation: per sample, the original
+tile, then its two augmented global crops and its local crops, exactly as the training pipeline
+produces them (tiles from shards, or drawn from slides by the training stream's sampler)."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -78,7 +81,9 @@ def inspect_source(source: str, *, n_samples: int = 200, count_shards: int = 16)
 
 
 def format_inspection(info: dict[str, Any]) -> str:
-    """The human-readable form of `inspect_source`'s summary."""
+    """The human-readable form of `inspect_source`'s (or `inspect_slides`') summary."""
+    if info.get("kind") == "slides":
+        return format_slide_inspection(info)
     s = info["samples"]
     lines = [f"source: {info['source']}", f"shards: {info['shards']}"]
     if s["shards_counted"]:
@@ -100,6 +105,118 @@ def format_inspection(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+REJECTIONS = ("foreground", "hsv", "read_error")
+
+
+def _rates(c: dict[str, int]) -> dict[str, Any]:
+    """Counts of one group of candidates with their totals and acceptance rates: `candidates`
+    are the proposed positions (each accepted or rejected for one reason), `read` those that
+    passed the foreground test and were read."""
+    candidates = c["accepted"] + sum(c[r] for r in REJECTIONS)
+    read = c["accepted"] + c["hsv"] + c["read_error"]
+    return {"candidates": candidates, "accepted": c["accepted"], **{r: c[r] for r in REJECTIONS},
+            "accept_rate": round(c["accepted"] / candidates, 4) if candidates else None,
+            "read_accept_rate": round(c["accepted"] / read, 4) if read else None}
+
+
+def inspect_slides(data_cfg: DataConfig, *, n_draws: int = 200, seed: int = 0) -> dict[str, Any]:
+    """A summary of a slide source (online patching, JSON-serialisable) from `n_draws` tiles
+    drawn by one training stream's sampler (`slide_source.tile_sampler`, with the config's
+    slide pool): per µm/px and per slide the candidates proposed, accepted and rejected by
+    reason, the µm/px a seen slide cannot give, the slides dropped and why, and the tile sizes."""
+    from midnight_prep.job import tile_target
+    from midnight_train.slide_source import open_slide, slide_datasets, tile_sampler
+
+    params = data_cfg.tile_params()
+    datasets = slide_datasets(data_cfg)
+    drawn: Counter[str] = Counter()
+    sizes: Counter[str] = Counter()
+    started = time.perf_counter()
+    with tile_sampler(data_cfg, seed=seed) as sampler:
+        for _ in range(n_draws):
+            tile = sampler.draw()
+            drawn[tile.dataset] += 1
+            sizes[f"{tile.rgb.shape[1]}x{tile.rgb.shape[0]}"] += 1
+        seconds = time.perf_counter() - started
+        rows, counters = sampler.acceptance(), dict(sampler.counts)
+        dropped = [{"dataset": datasets[d].name, "slide_id": sid,
+                    "source": next(x.path for x in datasets[d].slides if x.slide_id == sid),
+                    "reason": reason} for (d, sid), reason in sorted(sampler.dropped.items())]
+    zero = dict.fromkeys(("accepted", *REJECTIONS), 0)
+    by_mpp: dict[float, dict[str, int]] = {}
+    by_slide: dict[tuple[str, str], dict[str, int]] = {}
+    for row in rows:
+        for acc in (by_mpp.setdefault(row["mpp"], dict(zero)),
+                    by_slide.setdefault((row["dataset"], row["slide_id"]), dict(zero))):
+            for k in acc:
+                acc[k] += row[k]
+    specs = {(ds.name, x.slide_id): x for ds in datasets for x in ds.slides}
+    slides = []
+    for (name, sid), c in sorted(by_slide.items()):
+        with open_slide(specs[(name, sid)]) as slide:  # a cheap open: levels and µm/px only
+            missing = [m for m in params.mpps if tile_target(slide, params, m) is None]
+        slides.append({"dataset": name, "slide_id": sid, **_rates(c), "cannot_give_mpp": missing,
+                       "per_mpp": {f"{r['mpp']:g}": _rates(r) for r in rows
+                                   if (r["dataset"], r["slide_id"]) == (name, sid)}})
+    return {
+        "kind": "slides", "draws": n_draws, "seed": seed, "seconds": round(seconds, 3),
+        "datasets": [{"name": ds.name, "weight": ds.weight, "slides": len(ds.slides),
+                      "drawn": drawn.get(ds.name, 0)} for ds in datasets],
+        "tiles": {"mpps": list(params.mpps), "tile_size": params.tile_size,
+                  "foreground": params.foreground, "hsv_min_fraction": params.hsv_min_fraction,
+                  "mpp_tolerance": params.mpp_tolerance},
+        "slide_pool": data_cfg.slide_pool, "draws_per_slide": data_cfg.draws_per_slide,
+        "per_mpp": {f"{m:g}": _rates(c) for m, c in sorted(by_mpp.items(), reverse=True)},
+        "total": _rates({k: sum(c[k] for c in by_mpp.values()) for k in zero}),
+        "slides": slides, "dropped": dropped, "counters": counters,
+        "tile_sizes": dict(sizes.most_common()),
+    }
+
+
+def format_slide_inspection(info: dict[str, Any]) -> str:
+    """The human-readable form of `inspect_slides`' summary."""
+    t = info["tiles"]
+    lines = [f"slide source: {len(info['datasets'])} dataset(s): " + "; ".join(
+        f"{d['name']} ({d['slides']} slides, weight {d['weight']:g}): {d['drawn']} drawn"
+        for d in info["datasets"])]
+    lines.append(f"tiles: {t['tile_size']} px at {', '.join(f'{m:g}' for m in t['mpps'])} µm/px, "
+                 f"foreground ≥ {t['foreground']:g}, HSV ≥ {t['hsv_min_fraction']:g}; "
+                 f"slide_pool {info['slide_pool']}, draws_per_slide {info['draws_per_slide']}")
+    lines.append(f"{info['draws']} draws in {info['seconds']:.1f} s "
+                 f"({info['draws'] / max(info['seconds'], 1e-9):.1f} tiles/s, one process, "
+                 f"slide set-up included); tile sizes: "
+                 + (", ".join(f"{k} {v}" for k, v in info["tile_sizes"].items()) or "-"))
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    head = (f"{'candidates':>10} {'accepted':>8} {'foreground':>10} {'hsv':>6} {'read_error':>10} "
+            f"{'accepted/candidates':>19} {'accepted/read':>13}")
+
+    def cols(r: dict[str, Any]) -> str:
+        return (f"{r['candidates']:>10} {r['accepted']:>8} {r['foreground']:>10} {r['hsv']:>6} "
+                f"{r['read_error']:>10} {pct(r['accept_rate']):>19} {pct(r['read_accept_rate']):>13}")
+
+    lines += ["", "per µm/px (rejected: foreground = proposed position below the tissue threshold, "
+              "hsv = read but failed the HSV filter, read_error = failed read):",
+              f"{'µm/px':>6} {head}"]
+    lines += [f"{m:>6} {cols(r)}" for m, r in info["per_mpp"].items()]
+    lines.append(f"{'all':>6} {cols(info['total'])}")
+    many = len(info["datasets"]) > 1
+    names = [f"{s['dataset']}/{s['slide_id']}" if many else s["slide_id"] for s in info["slides"]]
+    width = max([len(n) for n in names] + [5])
+    lines += ["", f"per slide ({len(info['slides'])} seen):",
+              f"{'slide':<{width}} {head}  cannot give µm/px"]
+    for name, s in zip(names, info["slides"], strict=True):
+        lines.append(f"{name:<{width}} {cols(s)}  "
+                     + (", ".join(f"{m:g}" for m in s["cannot_give_mpp"]) or "-"))
+    lines.append("")
+    lines.append(f"slides dropped: {len(info['dropped'])}")
+    lines += [f"  {d['dataset']}/{d['slide_id']} ({d['source']}): {d['reason']}" for d in info["dropped"]]
+    lines.append("counters: " + ", ".join(f"{k} {v}" for k, v in info["counters"].items()))
+    return "\n".join(lines)
+
+
 def _to_uint8(x: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarray:
     """Undo normalisation: [n, 3, H, W] float → [n, H, W, 3] uint8."""
     m = torch.tensor(mean)[None, :, None, None]
@@ -110,11 +227,21 @@ def _to_uint8(x: torch.Tensor, mean: list[float], std: list[float]) -> np.ndarra
 def preview_batch(data_cfg: DataConfig, aug_cfg: AugmentConfig, *, n_samples: int = 4,
                   seed: int = 0) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
     """(original tiles, augmented global crops [2, n, G, G, 3], local crops [n_local, n, L, L, 3])
-    of the first `n_samples` decodable tiles of the source, cut and augmented by the training
-    pipeline's own functions."""
+    of the first `n_samples` decodable tiles of a shard source, or of `n_samples` tiles drawn
+    from a slide source, cut and augmented by the training pipeline's own functions."""
     batch = CropBatch(n_samples, data_cfg)
     geometry = draw_geometry(np.random.default_rng(seed), n_samples, data_cfg)
     originals: list[np.ndarray] = []
+    if data_cfg.source_kind() == "slides":
+        from midnight_train.slide_source import tile_sampler
+
+        # The training stream's own draws (stream 0 of 1 with this seed), as SlideStream adds them.
+        with tile_sampler(data_cfg, seed=seed) as sampler:
+            for row in range(n_samples):
+                tile = sampler.draw()
+                batch.add(tile.key, Image.fromarray(tile.rgb), geometry, row)
+                originals.append(tile.rgb)
+        return _augmented(batch, originals, data_cfg, aug_cfg, seed)
     skipped = SkipCounts()
     urls = [u for spec in data_cfg.dataset_specs() for u in list_shards(spec["shards"])]
     for record in (r for url in urls for r in shard_records(url, skipped)):
@@ -130,6 +257,12 @@ def preview_batch(data_cfg: DataConfig, aug_cfg: AugmentConfig, *, n_samples: in
     if not batch.full():
         raise ValueError(f"found only {len(originals)} decodable tiles for a preview of "
                          f"{n_samples} (skipped: {skipped.counts})")
+    return _augmented(batch, originals, data_cfg, aug_cfg, seed)
+
+
+def _augmented(batch: CropBatch, originals: list[np.ndarray], data_cfg: DataConfig,
+               aug_cfg: AugmentConfig, seed: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    n_samples = len(originals)
     out = ColorAugment(aug_cfg)(batch.tensors(), torch.Generator().manual_seed(seed))
     mean, std = list(aug_cfg.mean), list(aug_cfg.std)
     g = _to_uint8(out["global_crops"], mean, std)
