@@ -1,6 +1,7 @@
 """Loader benchmark: our pipeline vs a DINOv2-style per-image reference, same shards, one core.
 
 Run:  .venv/bin/python bench/loader.py [--tiles 256] [--samples 384] [--repeats 5]
+      .venv/bin/python bench/loader.py --source slides [--repeats 3]
 
 Measured side by side in one process, single-threaded (samples/s per core):
 - ours, CPU side: shard read + JPEG decode + 2 global + N local random-resized crops (+ flips)
@@ -12,6 +13,15 @@ Measured side by side in one process, single-threaded (samples/s per core):
   ToTensor, Normalize) plus HED per crop with scikit-image (rgb2hed → jitter → hed2rgb);
 - HED alone: batched `hed_jitter` on [n, 3, 224, 224] (uint8 and float input; plain torch
   ops, no compilation) vs scikit-image per crop.
+With --source slides: online patching (`data.slides`, `midnight_train.slide_source`) next to the
+shard loader on shards the builder cut from the same slides, in one run, one core, the same
+crops: the real CMU slide (20x) and a TCGA-like synthetic 40x pyramid (bench/prep.py's). Per
+slide: shards; online from one slide (its set-up amortised away: the per-tile cost); online
+over --links symbolic links to the slide (distinct slides to the sampler, each set up when its
+pool slot turns over, masks already in the on-disk cache) with the config's slide_pool and
+draws_per_slide, and with slide_pool 1 / draws_per_slide 1 (the paper's independent draw per
+tile); and the sampler alone (read + filters, no crops). Each rate gives the CPU cores per GPU
+at the paper's ~60 images/s per GPU.
 Prints first what runs (torch, threads, the SIMD level torch's CPU kernels dispatch to against
 the best the CPU has, PIL or pillow-simd), then markdown tables of medians over the repeats:
 per-core rates from the process's CPU time (the figure that matters on a shared machine) and
@@ -30,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +50,7 @@ from skimage.color import hed2rgb, rgb2hed
 from torchvision import transforms as T
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
 import shardkit  # noqa: E402
 
@@ -160,6 +171,15 @@ def main() -> None:
     ap.add_argument("--ref-samples", type=int, default=48, help="samples per timed run (reference)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--source", choices=("shards", "slides"), default="shards",
+                    help="shards: ours vs the per-image reference (default); slides: online "
+                         "patching next to the shard loader")
+    ap.add_argument("--slide-pool", type=int, default=DataConfig.slide_pool,
+                    help="--source slides: data.slide_pool of the pool rows")
+    ap.add_argument("--draws-per-slide", type=int, default=DataConfig.draws_per_slide,
+                    help="--source slides: data.draws_per_slide of the pool rows")
+    ap.add_argument("--links", type=int, default=64,
+                    help="--source slides: links to each slide, seen as distinct slides")
     ap.add_argument("--allow-fallback", action="store_true",
                     help="time anyway when a fast path is missing (the output says which)")
     args = ap.parse_args()
@@ -175,7 +195,7 @@ def main() -> None:
     np.random.seed(0)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="midnight-bench-") as tmp:
-        run(args, Path(tmp))
+        (run_slides if args.source == "slides" else run)(args, Path(tmp))
 
 
 def run(args: argparse.Namespace, tmp: Path) -> None:
@@ -254,6 +274,100 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
               f"{cpu[key] / cpu['hed_ref']:.1f}x | {wall[key]:.1f} |")
     print(f"\nHED medians of {3 * args.repeats} rounds of {calls} batches (scikit-image: {calls} × "
           f"{len(pil_crops)} crops) each.")
+
+
+def take(it, n: int) -> list:
+    return [next(it) for _ in range(n)]
+
+
+GPU_IMAGES_PER_S = 60  # the paper's ViT-g/14 rate per GPU (BENCHMARKS.md, GPU targets)
+SLIDE_TARGET = 150  # samples/s per core, reads included (issue 11)
+
+
+def run_slides(args: argparse.Namespace, tmp: Path) -> None:
+    """Online patching vs shards cut from the same slides (see the module docstring)."""
+    from prep import big_pyramid
+
+    from midnight_prep.job import run_job
+    from midnight_prep.plan import BuildParams, make_plan
+    from midnight_prep.slides import Slide
+    from midnight_train.slide_source import MaskStore, tile_sampler
+
+    slides = {"CMU-1-Small-Region (real, 20x, 1 level)": cmu_small_region(),
+              "synthetic 40x 16k x 12k (levels 1/4/16)": big_pyramid()}
+    params = BuildParams(tile_size=args.tiles)
+    b = args.batch
+    crops = dict(batch_size=b, num_workers=0, global_crop_size=args.global_size,
+                 local_crop_size=args.local_size, n_local_crops=args.n_local)
+    tiles = {"tile_size": args.tiles}
+    print(f"online patching: {args.links} links per slide; pool rows: slide_pool "
+          f"{args.slide_pool}, draws_per_slide {args.draws_per_slide}; independent rows: 1, 1; "
+          f"tissue masks in a warm mask_cache_dir; tiles {args.tiles} px at "
+          f"{', '.join(f'{m:g}' for m in params.mpps)} µm/px")
+    n_batches = max(1, args.samples // b)
+    n_slow = max(1, n_batches // 4)  # batches per run of the slow independent-draw row
+    table = []
+    for name, path in slides.items():
+        d = tmp / path.stem
+        out = d / "shards-out"  # the builder's shards of this slide (tiles_per_slide 512)
+        plan = make_plan([str(path)], str(out), params, tiles_per_slide=512)
+        for job in plan.jobs:
+            run_job(job, params, str(out), plan.sha256())
+        links = []
+        for i in range(args.links):
+            link = d / f"{path.stem}-{i:03d}{path.suffix}"
+            link.symlink_to(path)
+            links.append(str(link))
+        mask_dir = str(d / "masks")
+        masks = MaskStore(mask_dir)
+        for link in links:  # warm cache: as after the first visit of each slide on a node
+            with Slide(link) as slide:
+                masks.get(slide, params)
+        configs = {
+            "shards": DataConfig(shards=str(out), shuffle_buffer=256, **crops),
+            "one slide": DataConfig(slides=str(path), tiles=tiles, mask_cache_dir=mask_dir, **crops),
+            "pool": DataConfig(slides=links, tiles=tiles, mask_cache_dir=mask_dir,
+                               slide_pool=args.slide_pool, draws_per_slide=args.draws_per_slide, **crops),
+            "independent": DataConfig(slides=links, tiles=tiles, mask_cache_dir=mask_dir,
+                                      slide_pool=1, draws_per_slide=1, **crops),
+        }
+        iters = {}
+        for key, cfg in configs.items():
+            iters[key] = iter(make_loader(cfg, seed=0, rank=0, world_size=1))
+            next(iters[key])  # warm-up: first block / first slides
+
+        sampler = tile_sampler(configs["pool"], seed=1)
+        take(iter(sampler.draw, None), b)  # warm-up, as a loader's first batch
+        runs = {key: (partial(take, iters[key], n_batches), n_batches * b)
+                for key in ("shards", "one slide", "pool")}
+        runs["independent"] = (partial(take, iters["independent"], n_slow), n_slow * b)
+        runs["sampler"] = (lambda s=sampler: [s.draw() for _ in range(n_batches * b)], n_batches * b)
+        rates = median_rates(runs, args.repeats)
+        sampler.close()
+        table.append((name, rates))
+
+    what = {
+        "shards": "shards (builder's, same slide): read + decode + crops",
+        "one slide": "online, one slide: read + filters + crops",
+        "pool": f"online, {args.links} slides, pool {args.slide_pool} x {args.draws_per_slide} draws: read + filters + crops",
+        "independent": f"online, {args.links} slides, pool 1 x 1 draw (a slide set-up per tile) + crops",
+        "sampler": f"online sampler alone (pool {args.slide_pool} x {args.draws_per_slide}): read + filters, no crops",
+    }
+    print(f"\n{torch.get_num_threads()} torch thread; tiles {args.tiles} px, crops 2x{args.global_size} + "
+          f"{args.n_local}x{args.local_size}, batch {b}, medians of {args.repeats}; samples/s per core = "
+          f"samples per CPU-second of the one thread doing the work (num_workers=0)\n")
+    print(f"| slide | loader | samples/s per core | vs shards | wall samples/s | CPU cores per GPU at "
+          f"{GPU_IMAGES_PER_S} images/s |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name, rates in table:
+        shards = rates["shards"][0]
+        for key, (cpu, wall) in rates.items():
+            print(f"| {name} | {what[key]} | {cpu:.1f} | {cpu / shards:.2f}x | {wall:.1f} | "
+                  f"{GPU_IMAGES_PER_S / cpu:.2f} |")
+    pool = [rates["pool"][0] for _, rates in table]
+    print(f"\ntarget (issue 11): >= {SLIDE_TARGET} samples/s per core with reads (pool rows): "
+          + ", ".join(f"{r:.0f}" for r in pool) + (" - met" if min(pool) >= SLIDE_TARGET else " - MISSED"))
+
 
 if __name__ == "__main__":
     main()
