@@ -354,12 +354,6 @@ class TileSampler:
         """The slide in pool slot k of dataset d at draw i: a pure function of the seed, the
         slot, its epoch and the slides dropped so far."""
         ds = self.datasets[d]
-        alive = [j for j, s in enumerate(ds.slides) if (d, s.slide_id) not in self.dropped]
-        if not alive:
-            reasons = [f"{ds.slides[j].path}: {self.dropped[(d, s.slide_id)]}"
-                       for j, s in enumerate(ds.slides[:3])]
-            raise RuntimeError(f"dataset {ds.name!r}: all {len(ds.slides)} slides were dropped "
-                               f"as unusable, e.g. {'; '.join(reasons)}")
         period = self.periods[d]
         epoch = (i + k * period // self.pool) // period
         rng = np.random.default_rng(self.seed + [TAG_POOL, d, k, epoch])
@@ -367,6 +361,12 @@ class TileSampler:
             j = int(rng.integers(len(ds.slides)))
             if (d, ds.slides[j].slide_id) not in self.dropped:
                 return j
+        # Many dropped: list the rest (O(slides), so only here, not on every draw).
+        alive = [j for j, s in enumerate(ds.slides) if (d, s.slide_id) not in self.dropped]
+        if not alive:
+            reasons = [f"{s.path}: {self.dropped[(d, s.slide_id)]}" for s in ds.slides[:3]]
+            raise RuntimeError(f"dataset {ds.name!r}: all {len(ds.slides)} slides were dropped "
+                               f"as unusable, e.g. {'; '.join(reasons)}")
         return alive[int(rng.integers(len(alive)))]
 
     def _drop(self, d: int, j: int, reason: str) -> None:
