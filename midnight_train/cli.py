@@ -28,8 +28,8 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Show the versions in use (PIL flavour, torch, timm) and exit.")
 def main() -> None:
-    """Train pathology foundation models on midnight-prep shards (DINOv2 with the Midnight
-    recipe), export them for timm, and embed tiles.
+    """Train pathology foundation models on midnight-prep shards or straight from the slides
+    (DINOv2 with the Midnight recipe), export them for timm, and embed tiles.
 
     \b
       midnight-train data preview OUT --out preview.png

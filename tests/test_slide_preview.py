@@ -1,5 +1,5 @@
 """`midnight-train data preview` and `data inspect` on a slide source (online patching): a sheet
-of tiles drawn from the real CMU slide, and acceptance per µm/px and per slide over a fixed
+of tiles drawn from the real CMU slide or a synthetic 40x pyramid, and acceptance per µm/px and per slide over a fixed
 number of draws from the CMU slide, a synthetic 40x pyramid and slides that must be dropped."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import shardkit
 import yaml
 from click.testing import CliRunner
@@ -22,8 +23,10 @@ def write_config(path, data: dict) -> str:
     return str(path)
 
 
-def test_preview_draws_tissue_tiles_from_a_slide(tmp_path, cmu_slide):
-    config = write_config(tmp_path / "train.yaml", {"slides": str(cmu_slide), "tiles": {"tile_size": 96}})
+@pytest.mark.parametrize("which", ["cmu", "synthetic40x"])
+def test_preview_draws_tissue_tiles_from_a_slide(tmp_path, cmu_slide, slide_dir, which):
+    slide = cmu_slide if which == "cmu" else slide_dir / "generic40x.tiff"
+    config = write_config(tmp_path / "train.yaml", {"slides": str(slide), "tiles": {"tile_size": 96}})
     out = tmp_path / "preview.png"
     result = CliRunner().invoke(main, ["data", "preview", "--config", config, "--out", str(out),
                                        "--samples", "3"])
