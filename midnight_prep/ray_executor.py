@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -107,6 +109,11 @@ def _build_task(job: JobSpec, params: BuildParams, output: str, plan_sha256: str
                 progress_actor, storage_conf: dict) -> Outcome:
     """One job in a Ray worker (any node): the same `build_job` as the local pool."""
     apply_worker_config(storage_conf)  # --storage-options of the driver (kept in memory only)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and \
+            threading.current_thread() is threading.main_thread():
+        # Ray cancels a running task by interrupting it, which does nothing where SIGINT is
+        # ignored (workers of a `ray start` run from a script in the background inherit that).
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     clean_stale_scratch()  # a worker killed on this node earlier may have left some
     report = _Reporter(progress_actor, job.job_id)
     try:
@@ -153,8 +160,11 @@ class RayExecutor:
                              logging_level=logging.WARNING)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
-                raise RayUnavailable(f"cannot join {where}: {e}. Check that `ray start --head` runs "
-                                     "there and that --ray-address is right") from e
+                raise RayUnavailable(
+                    f"cannot join {where}: {e}. Check that `ray start --head` runs there, that "
+                    "--ray-address is right and, for a cluster with token authentication, that "
+                    "RAY_AUTH_MODE=token is set and the token is in ~/.ray/auth_token or "
+                    "RAY_AUTH_TOKEN") from e
             self._started = True
         self._actor = ray.remote(num_cpus=0)(_Progress).remote()
         self._task = ray.remote(num_cpus=1, max_retries=self.max_retries,
@@ -227,18 +237,22 @@ class RayExecutor:
             self._attempts[job_id] = (attempt, total)
 
     def _cancel(self, refs: list) -> None:
+        """Cancel the tasks of ``refs`` that have not finished: running ones get a
+        KeyboardInterrupt (their `finally` releases the lock); those still running after
+        CANCEL_GRACE_S are killed with their worker."""
         ray = self._ray
-        for ref in refs:
-            ray.cancel(ref)  # a running task gets KeyboardInterrupt: its finally releases the lock
         try:
-            ray.wait(refs, num_returns=len(refs), timeout=CANCEL_GRACE_S, fetch_local=False)
-        except BaseException:  # a second Ctrl-C: stop waiting
+            for force, grace in ((False, CANCEL_GRACE_S), (True, 0.0)):
+                _, running = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+                for ref in running:
+                    try:
+                        ray.cancel(ref, force=force)
+                    except Exception:  # finished meanwhile
+                        pass
+                if running and grace:
+                    ray.wait(running, num_returns=len(running), timeout=grace, fetch_local=False)
+        except BaseException:  # a second Ctrl-C: stop waiting, leave the rest to `close`
             pass
-        for ref in refs:
-            try:
-                ray.cancel(ref, force=True)  # still running after the grace: kill its worker
-            except Exception:
-                pass
 
     def close(self) -> None:
         if self._ray is not None and self._started:

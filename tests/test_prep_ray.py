@@ -1,0 +1,185 @@
+"""`--executor ray` on a real local Ray instance (2 CPUs, started once for this module): the
+same shards as the local executor, a killed worker's job retried to the same bytes, Ctrl-C
+cancels and a Ray resume finishes the output exactly, a job that fails for good ends failed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from midnight_prep.job import OWNER_FILE, SCRATCH_PREFIX
+
+CLI = [sys.executable, "-m", "midnight_prep.cli"]
+# 3 jobs of a few seconds each (two 40x slides with ~700 tiles each, and a faster 20x one), so
+# that a test can act while a job runs.
+PLAN_ARGS = ["--mpp", "0.5,0.25", "--tiles-per-slide", 1400, "--shard-size", 200,
+             "--slides-per-job", 1, "--seed", 3]
+SLIDES = ["generic40x.tiff", "aperio40x.svs", "scan20x.tiff"]
+
+
+def prep(*args, check=None) -> subprocess.CompletedProcess:
+    done = subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
+    if check is not None:
+        assert done.returncode == check, done.stdout + done.stderr
+    return done
+
+
+def contents(out: Path) -> dict[str, tuple[str, list[str]]]:
+    """shard name -> (sha256, sample keys in order)."""
+    found = {}
+    for p in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(p) as tar:
+            keys = [m.name.rsplit(".", 1)[0] for m in tar.getmembers() if m.name.endswith(".jpg")]
+        found[p.name] = (hashlib.sha256(p.read_bytes()).hexdigest(), keys)
+    return found
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """A local Ray instance for this module; the CLI joins it with --ray-address."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+             logging_level=logging.WARNING)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def slides(slide_dir):
+    return [slide_dir / n for n in SLIDES]
+
+
+@pytest.fixture(scope="module")
+def local_build(slides, tmp_path_factory):
+    out = tmp_path_factory.mktemp("local") / "out"
+    prep("build", *slides, "-o", out, *PLAN_ARGS, "--workers", 2, check=0)
+    found = contents(out)
+    assert len({name.split("-")[1] for name in found}) == 3  # every job wrote shards
+    return found
+
+
+def ray_run(plan_or_slides, out, address, *extra, command="build", **kw):
+    args = [*plan_or_slides, "-o", out, *PLAN_ARGS] if command == "build" else [plan_or_slides]
+    return [*CLI, command, *map(str, args), "--executor", "ray", "--ray-address", address,
+            *map(str, extra)]
+
+
+def test_ray_build_gives_the_local_shards(ray_address, slides, local_build, tmp_path):
+    out = tmp_path / "ray"
+    done = subprocess.run(ray_run(slides, out, ray_address), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "on the Ray cluster at" in done.stderr and "tiles in" in done.stdout  # same summary
+    assert contents(out) == local_build
+    assert not list(out.rglob("*.lock")) and not list(out.rglob("*.partial"))
+
+
+def _wait_for(predicate, timeout: float = 60.0, every: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def _lock_holder(out: Path, job_id: str) -> dict | None:
+    try:
+        return json.loads((out / "locks" / f"{job_id}.lock").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def test_a_killed_worker_is_retried_to_the_same_bytes(ray_address, slides, local_build, tmp_path):
+    out = tmp_path / "killed"
+    prep("plan", *slides, "-o", out, *PLAN_ARGS, check=0)
+    proc = subprocess.Popen(ray_run(out / "plan.json", out, ray_address, "--jobs", "job-000000",
+                                    command="run"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        holder = _wait_for(lambda: _lock_holder(out, "job-000000"))
+        # The lock names the Ray worker running the job (this host, its pid): kill it mid-job.
+        assert holder["pid"] not in (proc.pid, os.getpid())
+        assert not (out / "manifests" / "job-000000.json").exists()
+        os.kill(holder["pid"], signal.SIGKILL)
+        killed_at = time.time()
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, stdout + stderr
+    manifest = json.loads((out / "manifests" / "job-000000.json").read_text())
+    assert manifest["started_at"] > killed_at  # built again by the retry, after the kill
+    mine = {k: v for k, v in local_build.items() if k.startswith("job-000000-")}
+    assert contents(out) == mine
+    assert not list(out.rglob("*.lock")) and not list(out.rglob("*.partial"))
+    # The retry on this node removed the dead worker's scratch files.
+    for d in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
+        owner = d / OWNER_FILE
+        if owner.is_file():
+            assert json.loads(owner.read_text()).get("pid") != holder["pid"], d
+
+
+def test_ctrl_c_cancels_then_a_ray_resume_finishes_exactly(ray_address, slides, local_build, tmp_path):
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(ray_run(slides, out, ray_address), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: list((out / "manifests").glob("job-*.json")) if (out / "manifests").exists()
+                  else None)
+        running = _wait_for(lambda: list((out / "locks").glob("*.lock")), timeout=30)
+        proc.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and time.monotonic() - t0 < 30, stdout + stderr
+    assert "Traceback" not in stderr, stderr
+    # Cancelled cleanly: every running task let go of its lock; nothing half-published.
+    assert running and not list((out / "locks").glob("*.lock"))
+    assert not list(out.rglob("*.partial"))
+    finished = len(list((out / "manifests").glob("job-*.json")))
+    assert 1 <= finished < 3
+    done = subprocess.run(ray_run(out / "plan.json", out, ray_address, command="run"),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{finished} of 3 jobs already done" in done.stderr
+    assert contents(out) == local_build
+
+
+def test_a_job_that_fails_for_good_ends_failed(ray_address, slides, tmp_path):
+    out = tmp_path / "blocked"
+    prep("plan", *slides, "-o", out, *PLAN_ARGS, check=0)
+    (out / "shards").write_text("a file where the shards folder should be")
+    t0 = time.monotonic()
+    done = subprocess.run(ray_run(out, out, ray_address, "--jobs", "job-000002", command="run"),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert re.search(r"job job-000002 did not finish \(\w+Error: ", done.stderr), done.stderr
+    assert "Traceback" not in done.stderr and time.monotonic() - t0 < 60
+    assert not list(out.rglob("*.lock"))
+
+
+def test_without_ray_a_one_line_hint_and_no_ray_import(slide_dir, tmp_path):
+    hide = "import sys; sys.modules['ray'] = None; from midnight_prep.cli import main; main()"
+    done = subprocess.run([sys.executable, "-c", hide, "build", str(slide_dir / "glass.tiff"), "-o",
+                           str(tmp_path / "o"), "--executor", "ray"], capture_output=True, text=True)
+    assert done.returncode == 1 and "pip install 'midnight[ray]'" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "o").exists()
+    check = ("import sys, midnight_prep.cli, midnight_prep.executors, midnight_prep.ray_executor; "
+             "assert 'ray' not in sys.modules")
+    subprocess.run([sys.executable, "-c", check], check=True)
