@@ -363,11 +363,11 @@ def run_job(job: JobSpec, params: BuildParams, output: str, plan_sha256: str,
 
 def _write_shards(job_id: str, params: BuildParams, output: str, tmp: str, spill_path: str,
                   records: list[tuple[int, int, str, dict]]) -> list[dict]:
-    """Shuffle the job's tiles (by seed and job id) into shards, publish each; return their
-    manifest entries."""
+    """Shuffle the job's tiles (by seed and job id) into shards, publish each (in the background,
+    all stored when this returns); return their manifest entries."""
     order = slide_rng(params.seed, job_id, 0, purpose="shuffle").permutation(len(records))
     written = []
-    with open(spill_path, "rb") as spill:
+    with open(spill_path, "rb") as spill, shards.Uploads() as uploads:
         def samples(idx):
             for i in idx:
                 offset, size, key, meta = records[i]
@@ -381,8 +381,7 @@ def _write_shards(job_id: str, params: BuildParams, output: str, tmp: str, spill
                 n = shards.write_tar(samples(order[start:start + params.shard_size]), f)
             entry = {"name": name, "samples": n, "bytes": os.path.getsize(local),
                      "sha256": shards.sha256_file(local)}
-            shards.publish(local, shards.join(output, name))
-            os.unlink(local)
+            uploads.put(local, shards.join(output, name))  # deletes it once stored
             written.append(entry)
     return written
 

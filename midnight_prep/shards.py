@@ -15,7 +15,9 @@ import re
 import tarfile
 import tempfile
 import unicodedata
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import fsspec
@@ -153,6 +155,51 @@ def publish_bytes(data: bytes, url: str) -> None:
         publish(tmp.name, url)
     finally:
         os.unlink(tmp.name)
+
+
+class Uploads:
+    """Publish a job's finished files in the background, a few at once, while the next is being
+    written: object stores take parallel PUTs far faster than one after another. Each local
+    file is deleted once stored; at most `PENDING` wait, so local disk stays bounded. Leaving
+    the ``with`` block waits for all and raises the first failure (so the manifest, written
+    after it, only ever follows shards that are all stored)."""
+
+    THREADS = 4
+    PENDING = 8
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(self.THREADS, thread_name_prefix="upload")
+        self._pending: deque[Future] = deque()
+
+    def put(self, local_file: str, url: str) -> None:
+        failed = next((f for f in self._pending if f.done() and f.exception() is not None), None)
+        if failed is not None:  # stop writing shards that could not be stored anyway
+            failed.result()
+        while len(self._pending) >= self.PENDING:
+            self._pending.popleft().result()
+        self._pending.append(self._pool.submit(self._publish, local_file, url))
+
+    @staticmethod
+    def _publish(local_file: str, url: str) -> None:
+        publish(local_file, url)
+        os.unlink(local_file)
+
+    def __enter__(self) -> Uploads:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        error = exc
+        for future in self._pending:
+            if error is not None:
+                break
+            try:
+                future.result()
+            except Exception as e:
+                error = e
+        # After a failure, uploads not started are dropped; running ones end within their budget.
+        self._pool.shutdown(wait=True, cancel_futures=error is not None)
+        if exc is None and error is not None:
+            raise error
 
 
 def create_new(data: bytes, url: str) -> None:

@@ -22,6 +22,7 @@ CLI = [sys.executable, "-m", "midnight_prep.cli"]
 # One slide per job, one sample per shard: a job uploads many small shards, so the server can
 # be killed while a job is in the middle of its uploads.
 OPTIONS = ["--tiles-per-slide", "60", "--mpp", "1,0.5", "--slides-per-job", "1", "--shard-size", "1"]
+LONG_UPLOADS = [*OPTIONS, "--tiles-per-slide", "120"]  # the last one counts
 
 
 def prep(*args):
@@ -109,18 +110,19 @@ def test_endpoint_and_credentials_from_an_aws_profile(slide_dir, s3_env, monkeyp
 
 def test_server_killed_mid_upload_then_rerun_gives_a_clean_build(slide_dir, s3_env, tmp_path):
     slides = [slide_dir / "generic40x.tiff", slide_dir / "aperio40x.svs"]
-    clean = prep("build", *slides, "-o", tmp_path / "clean", *OPTIONS)
+    clean = prep("build", *slides, "-o", tmp_path / "clean", *LONG_UPLOADS)
     assert clean.exit_code == 0, clean.output
     expected = shard_digests(str(tmp_path / "clean"))
     assert len(expected) > 20
 
     out = "s3://midnight/faults-killed"
     fs = fsspec.filesystem("s3")
-    build = subprocess.Popen([*CLI, "build", *slides, "-o", out, *OPTIONS], stdout=subprocess.PIPE,
+    build = subprocess.Popen([*CLI, "build", *slides, "-o", out, *LONG_UPLOADS], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=fault_env(retry_s=2))
     try:
-        # The second job is uploading its shards: the server dies.
-        wait_for(lambda: fs.exists(f"{out}/shards/job-000001-0000.tar") or build.poll() is not None)
+        # The second job has started (sampling, or already uploading its shards): the server dies.
+        wait_for(lambda: fs.exists(f"{out}/locks/job-000001.lock")
+                 or fs.exists(f"{out}/shards/job-000001-0000.tar") or build.poll() is not None)
         s3_env.kill()
         stdout, stderr = build.communicate(timeout=60)
     finally:
@@ -163,11 +165,11 @@ def test_a_brief_outage_mid_upload_is_retried(s3_env, monkeypatch, tmp_path, cap
 
 def test_a_whole_build_rides_out_a_brief_outage(slide_dir, s3_env, tmp_path):
     slide = slide_dir / "generic40x.tiff"
-    clean = prep("build", slide, "-o", tmp_path / "clean", *OPTIONS)
+    clean = prep("build", slide, "-o", tmp_path / "clean", *LONG_UPLOADS)
     assert clean.exit_code == 0, clean.output
     out = "s3://midnight/faults-brief-build"
     fs = fsspec.filesystem("s3")
-    build = subprocess.Popen([*CLI, "build", slide, "-o", out, *OPTIONS], stdout=subprocess.PIPE,
+    build = subprocess.Popen([*CLI, "build", slide, "-o", out, *LONG_UPLOADS], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=fault_env(retry_s=60))
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(build.stderr), daemon=True)
