@@ -391,6 +391,27 @@ def _executor(executor: str, workers: int, ray_address: str | None, ray_jobs_per
         raise click.ClickException(str(e)) from e
 
 
+def _stage_setting(ctx, param, value) -> None:
+    """--stage-dir / --stage-max-gb reach every worker process through the environment."""
+    from . import staging
+
+    if value is not None:
+        staging.configure(**{"root" if param.name == "stage_dir" else "max_gb": value})
+
+
+def stage_options(f):
+    """Where slides on object storage (s3://...) are copied while their job reads them."""
+    f = click.option("--stage-max-gb", type=click.FloatRange(min=0, min_open=True), expose_value=False,
+                     callback=_stage_setting,
+                     help="Most GB of staged slides on this machine at once, all workers together "
+                          "[default: 50, or half the free disk if less].")(f)
+    return click.option("--stage-dir", type=click.Path(file_okay=False), expose_value=False,
+                        callback=_stage_setting,
+                        help="Local folder for slides read from object storage while their job "
+                             "reads them (shared by the workers; each slide is removed after use) "
+                             "[default: TMPDIR/midnight-slide-cache-UID].")(f)
+
+
 @main.command()
 @plan_options
 @click.option("--workers", "-j", default=1, show_default=True, type=click.IntRange(min=1),
@@ -398,12 +419,14 @@ def _executor(executor: str, workers: int, ray_address: str | None, ray_jobs_per
 @executor_options
 @VERIFY
 @RETRY_FAILED
+@stage_options
 @STORAGE_OPTIONS
 @one_line_errors
 def build(workers, executor, ray_address, ray_jobs_per_worker, ray_retries, verify, retry_failed,
           storage_options, **options) -> None:
     """Plan and run: sample tiles from INPUTS (slide files, directories, or CSV slide lists with
-    columns path[,slide_id,mpp,group]) into shards under --output. Resumable: run it again after
+    columns path[,slide_id,mpp,group]; local, or s3:// objects, prefixes and CSVs, staged
+    onto local disk while read) into shards under --output. Resumable: run it again after
     any interruption and only the unfinished (or damaged) jobs are redone. Exit status 1 while a
     slide failed or nothing was written. For example:
 
@@ -412,6 +435,7 @@ def build(workers, executor, ray_address, ray_jobs_per_worker, ray_retries, veri
     midnight-prep build slides.csv --output s3://bucket/run1 --mpp 1,0.5 --total-tiles 1000000
     midnight-prep build slides/ --output out/ --tile-size 512 --mpp 0.5,0.25 --seed 1
     midnight-prep build slides/ --output out/ --retry-failed   # after fixing a failed slide
+    midnight-prep build s3://bucket/slides/ --output s3://bucket/run2 -j 8 --stage-max-gb 20
     midnight-prep build slides.csv --output /shared/run1 --executor ray --ray-address auto
     """
     _use_storage(options["output"], storage_options)
@@ -514,6 +538,7 @@ def plan_cmd(storage_options, estimate, dry_run, nodes, cores_per_node, slide_si
 @executor_options
 @VERIFY
 @RETRY_FAILED
+@stage_options
 @STORAGE_OPTIONS
 @one_line_errors
 def run(plan_source, workers, task, num_tasks, job_ids, executor, ray_address, ray_jobs_per_worker,

@@ -21,6 +21,7 @@ from .locks import HOST, pid_alive
 from .plan import BuildParams, JobSpec, SlideSpec
 from .sampling import candidate_positions, slide_rng
 from .slides import Level, Slide, SlideError, downscale, read_size_for
+from .staging import SlideCache, StagingError, default_cache
 from .tissue import ForegroundMap, tissue_mask
 
 # The smallest tile should cover about this many mask pixels across (>= 3 needed for the
@@ -272,17 +273,22 @@ def _sample_slide(slide: Slide, spec: SlideSpec, params: BuildParams, report: Sl
         report.written[f"{mpp:g}"] = written
 
 
-def process_slide(spec: SlideSpec, params: BuildParams, emit, progress: Progress | None = None) -> SlideReport:
-    """Sample one slide into ``emit``; every failure is caught and reported, never raised."""
+def process_slide(spec: SlideSpec, params: BuildParams, emit, progress: Progress | None = None,
+                  cache: SlideCache | None = None) -> SlideReport:
+    """Sample one slide into ``emit``; every failure is caught and reported, never raised. A
+    slide on object storage is staged into ``cache`` (default: `staging.default_cache`) for the
+    time it is read, then removed; ``source`` stays its URL."""
     report = SlideReport(spec.slide_id, spec.path, asked=dict(spec.quotas))
+    local = spec.path
     try:
-        with Slide(spec.path, mpp_override=spec.mpp) as slide:
+        with (cache or default_cache()).open_local(spec.path, keep=False) as local, \
+                Slide(local, mpp_override=spec.mpp) as slide:
             report.mpp, report.mpp_source = slide.mpp, slide.mpp_source
             _sample_slide(slide, spec, params, report, emit, progress)
-    except SlideError as e:
-        report.status, report.error = "failed", str(e)
+    except (SlideError, StagingError) as e:
+        report.status, report.error = "failed", str(e).replace(local, spec.path)  # not the copy's
     except Exception as e:  # an unexpected library error on one slide must not end the job
-        report.status, report.error = "failed", f"{type(e).__name__}: {e}"
+        report.status, report.error = "failed", f"{type(e).__name__}: {e}".replace(local, spec.path)
     if progress:  # tiles asked for but not written: lets a progress bar's total shrink to match
         progress("unfilled", sum(report.asked.values()) - sum(report.written.values()))
     return report

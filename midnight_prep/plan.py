@@ -9,11 +9,15 @@ import hashlib
 import json
 import math
 import os
+import posixpath
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .shards import JPEG_QUALITY, canonical, safe_slide_id
+import fsspec
+
+from .shards import JPEG_QUALITY, canonical, folder_of, is_local, local_path, safe_slide_id
 from .slides import PLAUSIBLE_MPP
+from .storage import PERMANENT, StorageError, is_transient, storage_message
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
                     ".svslide")
@@ -157,39 +161,85 @@ def _row(path: str, slide_id: str | None = None, group: str | None = None, mpp: 
             "mpp": float(mpp) if mpp not in (None, "") else None}
 
 
-def read_slide_list(csv_path: Path) -> list[dict]:
-    """Rows of a slide list CSV: column ``path`` (absolute, or relative to the CSV), optional
-    ``slide_id``, ``mpp`` (override) and ``group``."""
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise PlanError(f"{csv_path}: a slide list needs a 'path' column (got {reader.fieldnames})")
-        unknown = set(reader.fieldnames) - {"path", "slide_id", "mpp", "group"}
-        if unknown:
-            raise PlanError(f"{csv_path}: unknown columns {sorted(unknown)}; allowed: path, slide_id, mpp, group")
-        rows = []
-        for n, r in enumerate(reader, start=2):
-            p = (r.get("path") or "").strip()
-            if not p:
-                raise PlanError(f"{csv_path}:{n}: empty path")
-            if "://" not in p and not Path(p).is_absolute():
-                p = os.path.abspath(csv_path.parent / p)
-            try:
-                rows.append(_row(p, r.get("slide_id"), r.get("group"), r.get("mpp")))
-            except ValueError as e:
-                raise PlanError(f"{csv_path}:{n}: mpp {r.get('mpp')!r} is not a number") from e
-        return rows
+def read_slide_list(csv_path: Path | str) -> list[dict]:
+    """Rows of a slide list CSV (a local file or an fsspec URL): column ``path`` (absolute, a
+    URL, or relative to the CSV), optional ``slide_id``, ``mpp`` (override) and ``group``."""
+    remote = not is_local(str(csv_path))
+    try:
+        with fsspec.open(str(csv_path), "rt", newline="") if remote else open(csv_path, newline="") as f:
+            return _slide_rows(csv_path, csv.DictReader(f), remote)
+    except (PlanError, StorageError):
+        raise
+    except FileNotFoundError as e:
+        raise PlanError(f"{csv_path}: no such slide list") from e
+    except Exception as e:
+        if remote and (is_transient(e) or isinstance(e, PERMANENT)):
+            raise StorageError(storage_message(str(csv_path), e)) from e
+        raise
+
+
+def _slide_rows(csv_path, reader: csv.DictReader, remote: bool) -> list[dict]:
+    if not reader.fieldnames or "path" not in reader.fieldnames:
+        raise PlanError(f"{csv_path}: a slide list needs a 'path' column (got {reader.fieldnames})")
+    unknown = set(reader.fieldnames) - {"path", "slide_id", "mpp", "group"}
+    if unknown:
+        raise PlanError(f"{csv_path}: unknown columns {sorted(unknown)}; allowed: path, slide_id, mpp, group")
+    rows = []
+    for n, r in enumerate(reader, start=2):
+        p = (r.get("path") or "").strip()
+        if not p:
+            raise PlanError(f"{csv_path}:{n}: empty path")
+        if p.startswith("file://"):
+            p = local_path(p)
+        if "://" not in p and not posixpath.isabs(p):
+            if remote:  # relative to the CSV's folder in the same store
+                scheme, _, where = folder_of(str(csv_path)).partition("://")
+                p = f"{scheme}://{posixpath.normpath(posixpath.join(where, p))}"
+            else:
+                p = os.path.abspath(Path(csv_path).parent / p)
+        try:
+            rows.append(_row(p, r.get("slide_id"), r.get("group"), r.get("mpp")))
+        except ValueError as e:
+            raise PlanError(f"{csv_path}:{n}: mpp {r.get('mpp')!r} is not a number") from e
+    return rows
+
+
+def _remote_slides(url: str) -> list[str]:
+    """The slide URLs at ``url``: the object itself, or every slide file under the prefix (by
+    extension, recursively, as for a local directory)."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        if fs.isdir(path):
+            found = sorted(p for p in fs.find(path)
+                           if posixpath.splitext(p)[1].lower() in SLIDE_EXTENSIONS)
+            if not found:
+                raise PlanError(f"{url}: no slide files ({', '.join(SLIDE_EXTENSIONS)}) under this prefix")
+            return [fs.unstrip_protocol(p) for p in found]
+        if fs.isfile(path):
+            return [canonical(url)]
+    except PlanError:
+        raise
+    except Exception as e:
+        if is_transient(e) or isinstance(e, PERMANENT):
+            raise StorageError(storage_message(url, e, "list")) from e
+        raise
+    raise PlanError(f"{url}: no such object or prefix")
 
 
 def collect_inputs(inputs: list[str]) -> list[dict]:
-    """Slide rows from files, directories (searched recursively by extension) and CSV lists.
-    Paths are made absolute but links are kept: a symlinked slide is known by the link's name."""
+    """Slide rows from files, directories (searched recursively by extension), CSV lists, and
+    the same on object storage (URLs: an object, a prefix, a CSV). Local paths are made absolute
+    but links are kept: a symlinked slide is known by the link's name."""
     rows: list[dict] = []
     for item in inputs:
-        p = Path(item)
-        if p.suffix.lower() == ".csv":
-            rows += read_slide_list(p)
-        elif p.is_dir():
+        if item.lower().endswith(".csv"):
+            rows += read_slide_list(item if not is_local(item) else Path(local_path(item)))
+            continue
+        if not is_local(item):
+            rows += [_row(url) for url in _remote_slides(item)]
+            continue
+        p = Path(local_path(item))
+        if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.suffix.lower() in SLIDE_EXTENSIONS)
             if not found:
                 raise PlanError(f"{item}: no slide files ({', '.join(SLIDE_EXTENSIONS)}) in this directory")
@@ -230,7 +280,8 @@ def make_plan(
     seen: dict[str, str] = {}
     slides = []
     for r in rows:
-        sid = safe_slide_id(r["slide_id"] or Path(r["path"]).name.split(".")[0])
+        # A URL's last part names it as a file's name does: an s3 copy of a folder gets its ids.
+        sid = safe_slide_id(r["slide_id"] or posixpath.basename(r["path"]).split(".")[0])
         if sid in seen:
             raise PlanError(
                 f"slide id {sid!r} is used by both {seen[sid]} and {r['path']}; give unique "
