@@ -117,6 +117,12 @@ def _build(slides: list[str], output: str, tiles: int, workers: int) -> tuple[in
     return sum(o.manifest["samples"] for o in outcomes.values()), elapsed
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _versions(output: str) -> str:
     import botocore
     import fsspec
@@ -157,14 +163,17 @@ def output_bench(args) -> None:
                 slides.append(str(link))
             _build(slides[:1], f"{tmp}/warm", 8, 1)  # imports and caches outside the timing
             rates: dict[str, list[float]] = {"local disk": [], "object storage": []}
-            count = 0
+            count, server_cpus = 0, []
             for r in range(args.repeats):
                 kinds = ["local disk", "object storage"] if r % 2 == 0 else ["object storage", "local disk"]
                 for kind in kinds:
                     out = (f"{tmp}/out-{r}" if kind == "local disk"
                            else f"{args.output.rstrip('/')}/{uuid.uuid4().hex[:8]}")
+                    server_cpu = _cpu_seconds(store.proc.pid) if store else 0.0
                     count, seconds = _build(slides, out, args.tiles_per_slide, args.workers)
                     rates[kind].append(count / seconds)
+                    if store and kind == "object storage":
+                        server_cpus.append(_cpu_seconds(store.proc.pid) - server_cpu)
                     fs, path = fsspec.core.url_to_fs(out)
                     fs.rm(path, recursive=True)
         print(_versions(args.output))
@@ -176,6 +185,14 @@ def output_bench(args) -> None:
         for kind, values in rates.items():
             median = statistics.median(values)
             print(f"| {kind} | {median:.0f} | {', '.join(f'{v:.0f}' for v in values)} | {median / local:.0%} |")
+        # Each repeat ran both back to back: their ratio cancels most of the machine's drift.
+        paired = [o / d for o, d in zip(rates["object storage"], rates["local disk"], strict=True)]
+        print(f"\nobject storage / local disk, per repeat: {', '.join(f'{r:.0%}' for r in paired)}; "
+              f"median {statistics.median(paired):.0%}")
+        if server_cpus:
+            print(f"the object store (on this machine's cores, like the workers) used "
+                  f"{statistics.median(server_cpus):.2f} CPU-s per build; the build's wall time is "
+                  f"{count / statistics.median(rates['object storage']):.2f} s")
     finally:
         if store is not None:
             store.remove()
