@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import pytest
 import ray
 
 from midnight_prep.job import OWNER_FILE, SCRATCH_PREFIX
+from midnight_prep.plan import BuildParams, make_plan
+from midnight_prep.ray_executor import RayExecutor
 
 CLI = [sys.executable, "-m", "midnight_prep.cli"]
 # 3 jobs of a few seconds each (two 40x slides with ~700 tiles each, and a faster 20x one), so
@@ -106,27 +109,43 @@ def _lock_holder(out: Path, job_id: str) -> dict | None:
 
 
 def test_a_killed_worker_is_retried_to_the_same_bytes(ray_address, slides, local_build, tmp_path):
+    """In this process (the module's Ray driver): kill the worker running a job; Ray's retry
+    builds it again, with the local bytes, and the progress counts end as if it ran once."""
     out = tmp_path / "killed"
-    prep("plan", *slides, "-o", out, *PLAN_ARGS, check=0)
-    proc = subprocess.Popen(ray_run(out / "plan.json", out, ray_address, "--jobs", "job-000000",
-                                    command="run"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    plan = make_plan([str(s) for s in slides], str(out), BuildParams(mpps=(0.5, 0.25), seed=3, shard_size=200),
+                     tiles_per_slide=1400, slides_per_job=1)
+    job = plan.jobs[0]
+    counts: dict[str, int] = {}
+
+    def progress(kind: str, n: int) -> None:
+        counts[kind] = counts.get(kind, 0) + n
+
+    results = {}
+    executor = RayExecutor()  # joins the module's instance
+    runner = threading.Thread(target=lambda: results.update(
+        executor([job], plan.params, plan.output, plan.sha256(), progress=progress)))
+    runner.start()
     try:
-        holder = _wait_for(lambda: _lock_holder(out, "job-000000"))
+        holder = _wait_for(lambda: _lock_holder(out, job.job_id))
         # The lock names the Ray worker running the job (this host, its pid): kill it mid-job.
-        assert holder["pid"] not in (proc.pid, os.getpid())
-        assert not (out / "manifests" / "job-000000.json").exists()
+        assert holder["pid"] != os.getpid()
+        _wait_for(lambda: counts.get("tiles", 0) > 0)  # it reported progress before dying
+        assert not (out / "manifests" / f"{job.job_id}.json").exists()
         os.kill(holder["pid"], signal.SIGKILL)
         killed_at = time.time()
-        stdout, stderr = proc.communicate(timeout=120)
     finally:
-        proc.kill()
-    assert proc.returncode == 0, stdout + stderr
-    manifest = json.loads((out / "manifests" / "job-000000.json").read_text())
+        runner.join(timeout=120)
+    outcome = results[job.job_id]
+    assert outcome.error is None and outcome.ran, outcome
+    manifest = json.loads((out / "manifests" / f"{job.job_id}.json").read_text())
     assert manifest["started_at"] > killed_at  # built again by the retry, after the kill
-    mine = {k: v for k, v in local_build.items() if k.startswith("job-000000-")}
-    assert contents(out) == mine
+    assert outcome.manifest == manifest
+    assert contents(out) == {k: v for k, v in local_build.items() if k.startswith(f"{job.job_id}-")}
     assert not list(out.rglob("*.lock")) and not list(out.rglob("*.partial"))
+    # The first try's counts were taken back: the bars end at the job's real totals.
+    asked = sum(sum(s.quotas.values()) for s in job.slides)
+    assert counts == {"slides": len(job.slides), "tiles": manifest["samples"],
+                      "unfilled": asked - manifest["samples"]}
     # The retry on this node removed the dead worker's scratch files.
     for d in Path(tempfile.gettempdir()).glob(f"{SCRATCH_PREFIX}*"):
         owner = d / OWNER_FILE
