@@ -155,6 +155,10 @@ class RayExecutor:
                 if self.address:
                     ray.init(address=self.address, logging_level=logging.WARNING)
                 else:
+                    # A throw-away instance for this run: Ray's note that it enabled token
+                    # authentication (its default) is not news for the user.
+                    logging.getLogger("ray._private.authentication.authentication_token_setup") \
+                        .setLevel(logging.ERROR)
                     ray.init(num_cpus=self.num_cpus, include_dashboard=False,
                              object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                              logging_level=logging.WARNING)
