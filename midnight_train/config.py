@@ -269,6 +269,7 @@ RESUME_MAY_CHANGE = (
     "train.fsdp",
     "data.timeout_s", "data.read_retry_s", "data.prefetch_factor",
     "data.mask_cache_dir",  # where tissue masks are cached, never what they are
+    "data.stage_dir", "data.stage_max_gb",  # where remote slides are staged
     # evaluation during training reads the model, never changes it
     "eval.every", "eval.sets", "eval.methods", "eval.k", "eval.shots", "eval.repeats",
     "eval.batch_size",

@@ -100,6 +100,10 @@ class DataConfig:
     slide_pool: int = 16  # slides a stream draws from at once (per dataset)
     draws_per_slide: int = 64  # tiles drawn from a pool slide, on average, before it is replaced
     mask_cache_dir: str | None = None  # tissue masks kept on disk, shared by a node's workers
+    # s3:// (remote) slides are staged here for OpenSlide; the limit must hold every slide open
+    # at once: processes x num_workers x slide_pool x datasets x the largest slide
+    stage_dir: str | None = None
+    stage_max_gb: float | None = None  # default: 50 GB or half the free disk, if less
     batch_size: int = 64  # per process
     num_workers: int = 4
     shuffle_buffer: int = 1000  # records shuffled together (one block); memory ≈ this × JPEG size
@@ -152,6 +156,8 @@ class DataConfig:
             self.tile_params()
             if self.slide_pool < 1 or self.draws_per_slide < 1:
                 raise ValueError("data: slide_pool and draws_per_slide must be >= 1")
+            if self.stage_max_gb is not None and not self.stage_max_gb > 0:
+                raise ValueError(f"data.stage_max_gb must be > 0, got {self.stage_max_gb!r}")
         elif self.tiles is not None:
             raise ValueError("data.tiles applies to slide sources (data.slides) only: shards "
                              "carry the tiles they were built with")

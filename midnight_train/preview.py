@@ -125,7 +125,7 @@ def inspect_slides(data_cfg: DataConfig, *, n_draws: int = 200, seed: int = 0) -
     slide pool): per µm/px and per slide the candidates proposed, accepted and rejected by
     reason, the µm/px a seen slide cannot give, the slides dropped and why, and the tile sizes."""
     from midnight_prep.job import tile_target
-    from midnight_train.slide_source import open_slide, slide_datasets, tile_sampler
+    from midnight_train.slide_source import open_slide, slide_cache, slide_datasets, tile_sampler
 
     params = data_cfg.tile_params()
     datasets = slide_datasets(data_cfg)
@@ -153,7 +153,7 @@ def inspect_slides(data_cfg: DataConfig, *, n_draws: int = 200, seed: int = 0) -
     specs = {(ds.name, x.slide_id): x for ds in datasets for x in ds.slides}
     slides = []
     for (name, sid), c in sorted(by_slide.items()):
-        with open_slide(specs[(name, sid)]) as slide:  # a cheap open: levels and µm/px only
+        with open_slide(specs[(name, sid)], slide_cache(data_cfg)) as slide:  # levels, µm/px only
             missing = [m for m in params.mpps if tile_target(slide, params, m) is None]
         slides.append({"dataset": name, "slide_id": sid, **_rates(c), "cannot_give_mpp": missing,
                        "per_mpp": {f"{r['mpp']:g}": _rates(r) for r in rows

@@ -51,6 +51,7 @@ import os
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,8 +65,9 @@ from midnight_prep.hsv import hsv_fraction
 from midnight_prep.job import Target, TileReader, cut_tile, mask_mpp, slide_mask, tile_target
 from midnight_prep.plan import BuildParams, PlanError, SlideSpec, make_plan
 from midnight_prep.sampling import TissueSampler
-from midnight_prep.shards import safe_slide_id, sample_key
+from midnight_prep.shards import is_local, safe_slide_id, sample_key
 from midnight_prep.slides import Slide, SlideError
+from midnight_prep.staging import SlideCache, Staged, StagingError
 from midnight_prep.tissue import ForegroundMap
 from midnight_train.crops import CropBatch, draw_geometry
 from midnight_train.data import DataConfig, StreamDataset
@@ -113,19 +115,41 @@ def slide_datasets(cfg: DataConfig) -> list[SlideDataset]:
     return out
 
 
-def open_slide(spec: SlideSpec) -> Slide:
-    """The one place online sampling opens a slide (where staging of `s3://` slides plugs in)."""
-    return Slide(spec.path, mpp_override=spec.mpp)
+def stage_and_open(spec: SlideSpec, cache: SlideCache) -> tuple[Slide, Staged | None]:
+    """The one place online sampling opens a slide. A remote one (``s3://``…) is staged into
+    ``cache`` first (OpenSlide reads local files only) and held, so no process evicts it,
+    until the returned `Staged` is released; a local path is opened where it is."""
+    if is_local(spec.path):
+        return Slide(spec.path, mpp_override=spec.mpp), None
+    held = cache.acquire(spec.path)
+    try:
+        return Slide(held.path, mpp_override=spec.mpp), held
+    except BaseException:
+        held.release()
+        raise
 
 
-def check_slides(datasets: list[SlideDataset]) -> None:
+@contextmanager
+def open_slide(spec: SlideSpec, cache: SlideCache | None = None) -> Iterator[Slide]:
+    """A slide open (and staged, if remote) while inside."""
+    slide, held = stage_and_open(spec, cache or SlideCache())
+    try:
+        yield slide
+    finally:
+        slide.close()
+        if held is not None:
+            held.release()
+
+
+def check_slides(datasets: list[SlideDataset], cache: SlideCache | None = None) -> None:
     """Fail fast on a wrong slide list: each dataset must have a slide among its first
     PROBE_SLIDES that opens (others that do not are dropped during training, not here)."""
     for ds in datasets:
         reasons = []
         for spec in ds.slides[:PROBE_SLIDES]:
             try:
-                open_slide(spec).close()
+                with open_slide(spec, cache):
+                    pass
                 break
             except Exception as err:  # noqa: BLE001 - any failure to open is the answer
                 reasons.append(f"{spec.path}: {err}")
@@ -182,14 +206,18 @@ class MaskStore:
         if directory:
             os.makedirs(directory, exist_ok=True)
 
-    def _key(self, slide: Slide, params: BuildParams) -> str:
+    def _key(self, source: str, slide: Slide, params: BuildParams) -> str:
+        # A local slide by path, size and mtime; a remote one by URL and size (its staged
+        # copy's mtime is when it was downloaded, which differs between nodes).
         st = os.stat(slide.path)
-        ident = [MASK_VERSION, os.path.abspath(slide.path), st.st_size, st.st_mtime_ns, slide.mpp,
-                 mask_mpp(slide, params)]
+        where = ([os.path.abspath(source), st.st_size, st.st_mtime_ns] if is_local(source)
+                 else [source, st.st_size])
+        ident = [MASK_VERSION, *where, slide.mpp, mask_mpp(slide, params)]
         return hashlib.sha256(json.dumps(ident).encode()).hexdigest()[:32]
 
-    def get(self, slide: Slide, params: BuildParams) -> tuple[np.ndarray, float]:
-        key = self._key(slide, params)
+    def get(self, source: str, slide: Slide, params: BuildParams) -> tuple[np.ndarray, float]:
+        """The tissue mask of ``slide`` (opened from ``source``) and its cell size."""
+        key = self._key(source, slide, params)
         hit = self.memory.get(key) or self._load(key)
         if hit is None:
             mask, cell = slide_mask(slide, params)
@@ -234,10 +262,11 @@ class SlideEntry:
     """An open slide with what sampling it needs: its reader and, per usable µm/px, the target
     and the position sampler."""
 
-    def __init__(self, spec: SlideSpec, params: BuildParams, masks: MaskStore, read_errors: int):
-        slide = open_slide(spec)
+    def __init__(self, spec: SlideSpec, params: BuildParams, masks: MaskStore, read_errors: int,
+                 cache: SlideCache):
+        slide, self.held = stage_and_open(spec, cache)
         try:
-            mask, cell = masks.get(slide, params)
+            mask, cell = masks.get(spec.path, slide, params)
             fg = ForegroundMap.from_mask(mask, cell)
             self.usable: list[tuple[Target, TissueSampler]] = []
             targets = [t for t in (tile_target(slide, params, m) for m in params.mpps) if t is not None]
@@ -254,13 +283,16 @@ class SlideEntry:
                 raise SlideError(f"no tissue: no tile position has {params.foreground:.0%} "
                                  f"foreground at any of its µm/px")
         except BaseException:
-            slide.close()
+            self.slide = slide
+            self.close()
             raise
         self.slide = slide
         self.reader = TileReader(slide, params, errors=read_errors)
 
     def close(self) -> None:
         self.slide.close()
+        if self.held is not None:
+            self.held.release()
 
 
 class OpenSlides:
@@ -301,7 +333,7 @@ class TileSampler:
 
     def __init__(self, datasets: list[SlideDataset], params: BuildParams, *, seed: list[int],
                  slide_pool: int = 16, draws_per_slide: int = 64, mask_cache_dir: str | None = None,
-                 state: dict[str, Any] | None = None) -> None:
+                 stage: SlideCache | None = None, state: dict[str, Any] | None = None) -> None:
         self.datasets, self.params, self.seed = datasets, params, list(seed)
         self.pool = slide_pool
         weights = np.array([d.weight for d in datasets], dtype=np.float64)
@@ -309,6 +341,7 @@ class TileSampler:
         self.periods = [max(1, round(slide_pool * draws_per_slide / w)) for w in self.weights]
         self.open = OpenSlides(slide_pool * len(datasets) + 2)
         self.masks = MaskStore(mask_cache_dir)
+        self.stage = stage or SlideCache()
         self.draws = 0
         self.dropped: dict[tuple[int, str], str] = {}  # (dataset, slide_id) -> reason
         self.read_errors: dict[tuple[int, str], int] = {}
@@ -385,7 +418,12 @@ class TileSampler:
             spec = self.datasets[d].slides[j]
             try:
                 entry = SlideEntry(spec, self.params, self.masks,
-                                   self.read_errors.get((d, spec.slide_id), 0))
+                                   self.read_errors.get((d, spec.slide_id), 0), self.stage)
+            except StagingError as err:
+                if not isinstance(err.__cause__, FileNotFoundError):
+                    raise  # storage down past data.read_retry_s: stop (resume continues exactly)
+                self._drop(d, j, str(err))
+                continue
             except Exception as err:  # noqa: BLE001 - one slide's failure never ends the run
                 self._drop(d, j, str(err) if isinstance(err, SlideError) else f"{type(err).__name__}: {err}")
                 continue
@@ -452,6 +490,14 @@ class TileSampler:
         return None
 
 
+def slide_cache(cfg: DataConfig) -> SlideCache:
+    """Where remote slides are staged: ``data.stage_dir`` (default: one folder per user in the
+    temporary directory) bounded by ``data.stage_max_gb``; storage errors retried for
+    ``data.read_retry_s``. Slides stay there for reuse until evicted."""
+    max_bytes = None if cfg.stage_max_gb is None else int(cfg.stage_max_gb * 1e9)
+    return SlideCache(cfg.stage_dir, max_bytes, retry_s=float(cfg.read_retry_s), keep=True)
+
+
 def tile_sampler(cfg: DataConfig, *, seed: int = 0, stream: int = 0, n_streams: int = 1,
                  state: dict[str, Any] | None = None) -> TileSampler:
     """Stream ``stream`` of ``n_streams``' tile sampler of a slide source, outside the
@@ -460,7 +506,7 @@ def tile_sampler(cfg: DataConfig, *, seed: int = 0, stream: int = 0, n_streams: 
     datasets = slide_datasets(cfg)
     return TileSampler(datasets, cfg.tile_params(), seed=[int(seed) & 0xFFFFFFFF, n_streams, stream],
                        slide_pool=cfg.slide_pool, draws_per_slide=cfg.draws_per_slide,
-                       mask_cache_dir=cfg.mask_cache_dir, state=state)
+                       mask_cache_dir=cfg.mask_cache_dir, stage=slide_cache(cfg), state=state)
 
 
 # ---------------------------------------------------------------------------- batches
@@ -475,7 +521,8 @@ class SlideStream:
         self.seed = [int(seed) & 0xFFFFFFFF, n_streams, stream]
         self.sampler = TileSampler(datasets, cfg.tile_params(), seed=self.seed,
                                    slide_pool=cfg.slide_pool, draws_per_slide=cfg.draws_per_slide,
-                                   mask_cache_dir=cfg.mask_cache_dir, state=position)
+                                   mask_cache_dir=cfg.mask_cache_dir, stage=slide_cache(cfg),
+                                   state=position)
         self.batches = int(position["batches"]) if position else 0
 
     def position(self) -> dict[str, Any]:
@@ -511,7 +558,8 @@ class SlideStreamDataset(StreamDataset):
     def __init__(self, cfg: DataConfig, *, seed: int, rank: int, world_size: int) -> None:
         super().__init__(cfg, seed=seed, rank=rank, world_size=world_size)
         self.datasets = slide_datasets(cfg)
-        check_slides(self.datasets)
+        # Its held slides are released before the DataLoader forks (no inherited locks).
+        check_slides(self.datasets, slide_cache(cfg))
 
     def make_stream(self, *, stream: int, n_streams: int, worker: int,
                     position: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
@@ -520,4 +568,5 @@ class SlideStreamDataset(StreamDataset):
 
 
 __all__ = ["SlideDataset", "SlideStream", "SlideStreamDataset", "Tile",
-           "TileSampler", "check_slides", "open_slide", "read_tile", "slide_datasets", "tile_sampler"]
+           "TileSampler", "check_slides", "open_slide", "read_tile", "slide_cache", "slide_datasets",
+           "stage_and_open", "tile_sampler"]
