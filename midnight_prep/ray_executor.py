@@ -22,6 +22,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from . import staging
 from .executors import Outcome, build_job
 from .job import clean_stale_scratch
 from .plan import BuildParams, JobSpec
@@ -106,9 +107,10 @@ def _portable(e: BaseException) -> BaseException:
 
 
 def _build_task(job: JobSpec, params: BuildParams, output: str, plan_sha256: str, redo: bool,
-                progress_actor, storage_conf: dict) -> Outcome:
+                progress_actor, storage_conf: dict, env: dict[str, str]) -> Outcome:
     """One job in a Ray worker (any node): the same `build_job` as the local pool."""
     apply_worker_config(storage_conf)  # --storage-options of the driver (kept in memory only)
+    os.environ.update(env)  # --stage-dir / --stage-max-gb
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and \
             threading.current_thread() is threading.main_thread():
         # Ray cancels a running task by interrupting it, which does nothing where SIGINT is
@@ -192,8 +194,9 @@ class RayExecutor:
             return results
         ray = self._connect()
         conf = ray.put(worker_config())
+        env = {k: os.environ[k] for k in (staging.ENV_DIR, staging.ENV_MAX_GB) if k in os.environ}
         pending = {self._task.remote(job, params, output, plan_sha256, job.job_id in redo,
-                                     self._actor, conf): job for job in jobs}
+                                     self._actor, conf, env): job for job in jobs}
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0.2,

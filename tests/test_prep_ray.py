@@ -202,3 +202,30 @@ def test_without_ray_a_one_line_hint_and_no_ray_import(slide_dir, tmp_path):
     check = ("import sys, midnight_prep.cli, midnight_prep.executors, midnight_prep.ray_executor; "
              "assert 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", check], check=True)
+
+
+def test_ray_to_object_storage_with_storage_options(ray_address, slide_dir, s3_env, tmp_path):
+    """Ray workers have no AWS variables here (the instance started before they were set):
+    --storage-options reach them in memory, and the shards are those of a local-disk build."""
+    from object_store import ACCESS_KEY, BUCKET, SECRET_KEY
+
+    small = [slide_dir / "generic40x.tiff", slide_dir / "scan20x.tiff"]
+    args = ["--tiles-per-slide", 24, "--shard-size", 10, "--slides-per-job", 1]
+    prep("build", *small, "-o", tmp_path / "local", *args, check=0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_DEFAULT_REGION="us-east-1")
+    options = json.dumps({"key": ACCESS_KEY, "secret": SECRET_KEY,
+                          "client_kwargs": {"endpoint_url": s3_env.endpoint}})
+    out = f"s3://{BUCKET}/ray-out"
+    done = subprocess.run([*CLI, "build", *map(str, small), "-o", out, *map(str, args), "--executor", "ray",
+                           "--ray-address", ray_address, "--storage-options", options],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.invalidate_cache()
+    stored = {p.rsplit("/", 1)[-1]: hashlib.sha256(fs.cat_file(p)).hexdigest()
+              for p in fs.find(f"{BUCKET}/ray-out/shards")}
+    assert stored == {k: v for k, (v, _) in contents(tmp_path / "local").items()}
