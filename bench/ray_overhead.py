@@ -69,7 +69,7 @@ def main() -> None:
     recycled = RayExecutor(num_cpus=args.workers)  # the default: a new worker every 10 jobs
     kept = RayExecutor(num_cpus=args.workers, jobs_per_worker=10**6)  # the same instance, no recycling
     started = time.perf_counter()
-    recycled._connect()
+    recycled.connect()
     ray_start = time.perf_counter() - started
     executors = {"local": local, "ray": recycled, "ray, workers kept": kept}
     walls: dict[tuple[str, int], list[float]] = {}

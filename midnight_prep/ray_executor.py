@@ -147,7 +147,8 @@ class RayExecutor:
         self._task = None
         self._attempts: dict[str, tuple[str, dict[str, int]]] = {}
 
-    def _connect(self):
+    def connect(self):
+        """Join the cluster (or start the local instance) now; `__call__` does it when needed."""
         if self._ray is not None:
             return self._ray
         ray = _ray()
@@ -192,7 +193,7 @@ class RayExecutor:
         results: dict[str, Outcome] = {}
         if not jobs:
             return results
-        ray = self._connect()
+        ray = self.connect()
         conf = ray.put(worker_config())
         env = {k: os.environ[k] for k in (staging.ENV_DIR, staging.ENV_MAX_GB) if k in os.environ}
         pending = {self._task.remote(job, params, output, plan_sha256, job.job_id in redo,
