@@ -52,7 +52,9 @@ def contents(out: Path) -> dict[str, tuple[str, list[str]]]:
 
 @pytest.fixture(scope="module")
 def ray_address():
-    """A local Ray instance for this module; the CLI joins it with --ray-address."""
+    """A local Ray instance for this module; the CLI joins it with --ray-address (ray.init set
+    RAY_AUTH_MODE=token in this process's environment, which the CLI processes inherit, as a
+    user joining a token-authenticated cluster by address must set it)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
              logging_level=logging.WARNING)
