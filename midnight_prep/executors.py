@@ -1,5 +1,6 @@
-"""Run a plan's jobs: in this process, or in a local process pool. Other engines (SLURM arrays,
-Ray) run `midnight-prep run PLAN --task I --num-tasks N`, each task a disjoint slice of the jobs;
+"""Run a plan's jobs: in this process, or in a local process pool (`ray_executor`: as Ray tasks,
+through the same `build_job`). Other engines (SLURM arrays, Kubernetes jobs) run `midnight-prep
+run PLAN --task I --num-tasks N`, each task a disjoint slice of the jobs;
 a job's manifest is its commit marker, so any engine may retry any job. Each job runs under its
 lock (`locks`): a builder that finds a job locked by another live one leaves it to that one."""
 
