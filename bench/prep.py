@@ -208,7 +208,7 @@ def main() -> None:
     ap.add_argument("--start-object-store", action="store_true",
                     help="with --output (default s3://midnight/bench-prep): a throw-away local SeaweedFS")
     ap.add_argument("--workers", type=int, default=2, help="with --output: pool workers")
-    ap.add_argument("--tiles-per-slide", type=int, default=400, help="with --output")
+    ap.add_argument("--tiles-per-slide", type=int, default=800, help="with --output")
     args = ap.parse_args()
     if args.output or args.start_object_store:
         output_bench(args)
