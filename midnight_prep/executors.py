@@ -41,7 +41,8 @@ def build_job(job: JobSpec, params: BuildParams, output: str, plan_sha256: str, 
         return Outcome(job.job_id, holder=lock)
     try:
         if not redo:
-            state = check_jobs(output, plan_sha256, [job.job_id])[job.job_id]
+            state = shards.retried(lambda: check_jobs(output, plan_sha256, [job.job_id])[job.job_id],
+                                   output, "read")
             if state.kind == "done":
                 return Outcome(job.job_id, state.manifest)
             if state.kind == "foreign":

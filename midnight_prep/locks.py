@@ -31,7 +31,7 @@ from pathlib import Path
 
 import fsspec
 
-from .shards import _partial, create_new, is_local, join, local_path
+from .shards import _partial, create_new, is_local, join, local_path, retried
 from .storage import is_transient
 
 LOCK_DIR = "locks"
@@ -62,20 +62,26 @@ def describe(holder: dict) -> str:
     return f"{holder.get('host', '?')}:{holder.get('pid', '?')} since {when}"
 
 
-def _read(url: str) -> tuple[dict, float] | None:
-    """(holder, seconds since the last heartbeat) of the lock at ``url``; None when there is none."""
+def _read(url: str, retry: bool = True) -> tuple[dict, float] | None:
+    """(holder, seconds since the last heartbeat) of the lock at ``url``; None when there is none.
+    Transient storage errors are retried (`storage.retrying`) unless ``retry`` is false."""
     fs, path = fsspec.core.url_to_fs(url)
-    try:
-        data = fs.cat_file(path)
-        if is_local(url):
-            age = time.time() - os.stat(local_path(url)).st_mtime
-        else:
+
+    def read() -> tuple[bytes, float] | None:
+        try:
+            data = fs.cat_file(path)
+            if is_local(url):
+                return data, time.time() - os.stat(local_path(url)).st_mtime
             modified = fs.modified(path)
             if modified.tzinfo is None:
                 modified = modified.replace(tzinfo=timezone.utc)
-            age = (datetime.now(timezone.utc) - modified).total_seconds()
-    except FileNotFoundError:
+            return data, (datetime.now(timezone.utc) - modified).total_seconds()
+        except FileNotFoundError:
+            return None
+    found = retried(read, url, "read") if retry else read()
+    if found is None:
         return None
+    data, age = found
     try:
         holder = json.loads(data)
     except ValueError:
@@ -187,8 +193,8 @@ class Lock:
     progress: dict[str, int] = field(default_factory=lambda: {"slides": 0, "tiles": 0})
     _written: dict[str, int] = field(default_factory=dict)  # the progress the lock file holds
 
-    def holds(self) -> bool:
-        found = _read(self.url)
+    def holds(self, retry: bool = True) -> bool:
+        found = _read(self.url, retry)
         return found is not None and found[0].get("token") == self.owner["token"]
 
     def counting(self, progress: Callable[[str, int], None] | None) -> Callable[[str, int], None]:
@@ -202,7 +208,7 @@ class Lock:
         return report
 
     def refresh(self) -> None:
-        if not self.holds():
+        if not self.holds(retry=False):  # the next beat tries again
             return  # taken over (we looked dead): leave the new owner's lock alone
         now = dict(self.progress)
         data = json.dumps({**self.owner, "progress": now}).encode()
@@ -226,7 +232,7 @@ class Lock:
         by then), so that the job's own outcome, not this, is what gets reported."""
         _HEARTBEAT.forget(self)
         try:
-            if self.holds():
+            if self.holds(retry=False):
                 fs, path = fsspec.core.url_to_fs(self.url)
                 fs.rm_file(path)
         except FileNotFoundError:
@@ -250,10 +256,11 @@ def acquire(url: str, job_id: str) -> Lock | dict:
             if found is None:
                 continue  # released meanwhile
             holder, age = found
-            if not is_stale(holder, age):
-                return holder
-            _take_over(url, holder)
-            continue
+            if holder.get("token") != owner["token"]:  # (ours: a retried create whose reply was lost)
+                if not is_stale(holder, age):
+                    return holder
+                _take_over(url, holder)
+                continue
         lock = Lock(url, owner)
         if not lock.holds():  # an object store that ignored the exclusive create
             found = _read(url)

@@ -209,15 +209,20 @@ def create_new(data: bytes, url: str) -> None:
     (If-None-Match: *) where the store supports it, see `locks` for the others."""
     if not is_local(url):
         fs, path = fsspec.core.url_to_fs(url)
-        try:
-            fs.pipe_file(path, data, mode="create")
-        except OSError as e:
-            # s3fs maps the refusal to FileExistsError only when the server names the condition
-            # (AWS does, SeaweedFS and others do not); ours is the only condition sent.
-            cause = getattr(e.__cause__, "response", None) or {}
-            if cause.get("Error", {}).get("Code") == "PreconditionFailed":
-                raise FileExistsError(f"{url} exists") from e
-            raise
+
+        def put() -> None:
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except OSError as e:
+                # s3fs maps the refusal to FileExistsError only when the server names the
+                # condition (AWS does, SeaweedFS and others do not); ours is the only one sent.
+                cause = getattr(e.__cause__, "response", None) or {}
+                if cause.get("Error", {}).get("Code") == "PreconditionFailed":
+                    raise FileExistsError(f"{url} exists") from e
+                raise
+        # A try whose reply was lost may have landed: the next then finds the file there
+        # (FileExistsError); callers that care compare its content with theirs (`locks`).
+        storage.retrying(put, url, "write")
         return
     target = Path(local_path(url))
     fd, tmp = _partial(target)
@@ -242,7 +247,7 @@ def remove_partials(output: str, job_id: str) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def _retried(action: Callable, url: str, doing: str):
+def retried(action: Callable, url: str, doing: str):
     """``action()``, retried on transient errors when ``url`` is remote (see `storage.retrying`)."""
     return action() if is_local(url) else storage.retrying(action, url, doing)
 
@@ -251,12 +256,12 @@ def read_json(url: str):
     def read():
         with fsspec.open(url, "rb") as f:
             return json.loads(f.read())
-    return _retried(read, url, "read")
+    return retried(read, url, "read")
 
 
 def exists(url: str) -> bool:
     fs, path = fsspec.core.url_to_fs(url)
-    return _retried(lambda: fs.exists(path), url, "read")
+    return retried(lambda: fs.exists(path), url, "read")
 
 
 def remove(url: str) -> None:
@@ -268,7 +273,7 @@ def remove(url: str) -> None:
             fs.rm_file(path)
         except FileNotFoundError:
             pass
-    _retried(rm, url, "delete")
+    retried(rm, url, "delete")
 
 
 def sha256_file(path: str) -> str:
