@@ -99,6 +99,10 @@ class DataConfig:
     tiles: dict[str, Any] | None = None
     slide_pool: int = 16  # slides a stream draws from at once (per dataset)
     draws_per_slide: int = 64  # tiles drawn from a pool slide, on average, before it is replaced
+    # "uniform" over a dataset's slides, or "tissue": in proportion to each slide's tissue area
+    # (areas above tissue_mm2_cap count as the cap; a lower cap opens fewer slides to choose one)
+    slide_weighting: str = "uniform"
+    tissue_mm2_cap: float = 1000.0
     mask_cache_dir: str | None = None  # tissue masks kept on disk, shared by a node's workers
     # s3:// (remote) slides are staged here for OpenSlide; the limit must hold every slide open
     # at once: processes x num_workers x slide_pool x datasets x the largest slide
@@ -156,6 +160,9 @@ class DataConfig:
             self.tile_params()
             if self.slide_pool < 1 or self.draws_per_slide < 1:
                 raise ValueError("data: slide_pool and draws_per_slide must be >= 1")
+            if self.slide_weighting not in ("uniform", "tissue") or not self.tissue_mm2_cap > 0:
+                raise ValueError(f"data.slide_weighting must be uniform or tissue (got "
+                                 f"{self.slide_weighting!r}) and data.tissue_mm2_cap > 0")
             if self.stage_max_gb is not None and not self.stage_max_gb > 0:
                 raise ValueError(f"data.stage_max_gb must be > 0, got {self.stage_max_gb!r}")
         elif self.tiles is not None:

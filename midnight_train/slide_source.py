@@ -5,7 +5,8 @@ encoding (`midnight_prep.job.cut_tile`). Configured by `data.slides` (or `data.d
 with `slides`), `data.tiles`, `data.slide_pool`, `data.draws_per_slide`, `data.mask_cache_dir`.
 
 One draw (one batch element) of stream s: a dataset by the mixing weights → a slide (uniform over
-the dataset's slides, through the pool below) → a µm/px, uniform over the configured ones the
+the dataset's slides, or in proportion to their tissue area with `data.slide_weighting: tissue`,
+through the pool below) → a µm/px, uniform over the configured ones the
 slide can give without upsampling beyond `mpp_tolerance` → a position uniform over the positions
 that pass the foreground test (`midnight_prep.sampling.TissueSampler`) → read → HSV filter. A
 rejected candidate is redrawn at the same slide and µm/px (at most MAX_CANDIDATES), then slide
@@ -45,6 +46,7 @@ key names.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -287,6 +289,7 @@ class SlideEntry:
             self.close()
             raise
         self.slide = slide
+        self.tissue_mm2 = fg.area * slide.mpp ** 2 / 1e6  # level-0 px² → mm²
         self.reader = TileReader(slide, params, errors=read_errors)
 
     def close(self) -> None:
@@ -333,9 +336,13 @@ class TileSampler:
 
     def __init__(self, datasets: list[SlideDataset], params: BuildParams, *, seed: list[int],
                  slide_pool: int = 16, draws_per_slide: int = 64, mask_cache_dir: str | None = None,
-                 stage: SlideCache | None = None, state: dict[str, Any] | None = None) -> None:
+                 stage: SlideCache | None = None, weighting: str = "uniform",
+                 tissue_cap: float = 1000.0, state: dict[str, Any] | None = None) -> None:
         self.datasets, self.params, self.seed = datasets, params, list(seed)
         self.pool = slide_pool
+        self.weighting, self.tissue_cap = weighting, float(tissue_cap)
+        self.areas: dict[tuple[int, str], float] = {}  # (dataset, slide_id) -> tissue mm², capped
+        self._memo: dict[tuple[int, int], tuple[int, int]] = {}  # (dataset, slot) -> (epoch, slide)
         weights = np.array([d.weight for d in datasets], dtype=np.float64)
         self.weights = weights / weights.sum()
         self.periods = [max(1, round(slide_pool * draws_per_slide / w)) for w in self.weights]
@@ -385,50 +392,83 @@ class TileSampler:
 
     def _pool_slide(self, d: int, k: int, i: int) -> int:
         """The slide in pool slot k of dataset d at draw i: a pure function of the seed, the
-        slot, its epoch and the slides dropped so far."""
-        ds = self.datasets[d]
+        slot, its epoch, the slides dropped so far (and, weighted by tissue, the slides' tissue
+        areas). Candidate t of a slot's epoch is drawn by its own generator, so candidates
+        skipped as dropped do not shift the others."""
         period = self.periods[d]
         epoch = (i + k * period // self.pool) // period
-        rng = np.random.default_rng(self.seed + [TAG_POOL, d, k, epoch])
-        for _ in range(16):  # uniform over the slides left, by rejection while few are dropped
-            j = int(rng.integers(len(ds.slides)))
-            if (d, ds.slides[j].slide_id) not in self.dropped:
-                return j
-        # Many dropped: list the rest (O(slides), so only here, not on every draw).
-        alive = [j for j, s in enumerate(ds.slides) if (d, s.slide_id) not in self.dropped]
-        if not alive:
-            reasons = [f"{s.path}: {self.dropped[(d, s.slide_id)]}" for s in ds.slides[:3]]
-            raise RuntimeError(f"dataset {ds.name!r}: all {len(ds.slides)} slides were dropped "
-                               f"as unusable, e.g. {'; '.join(reasons)}")
-        return alive[int(rng.integers(len(alive)))]
+        memo = self._memo.get((d, k))
+        if memo is not None and memo[0] == epoch:
+            return memo[1]
+        ds = self.datasets[d]
+        for t in itertools.count():
+            rng = np.random.default_rng(self.seed + [TAG_POOL, d, k, epoch, t])
+            j, u = int(rng.integers(len(ds.slides))), rng.random()
+            if (d, ds.slides[j].slide_id) in self.dropped:
+                if t >= 64 and t % 64 == 0:  # many dropped: uniform over the slides left
+                    alive = [a for a, s in enumerate(ds.slides) if (d, s.slide_id) not in self.dropped]
+                    if not alive:
+                        reasons = [f"{s.path}: {self.dropped[(d, s.slide_id)]}" for s in ds.slides[:3]]
+                        raise RuntimeError(f"dataset {ds.name!r}: all {len(ds.slides)} slides were "
+                                           f"dropped as unusable, e.g. {'; '.join(reasons)}")
+                    j = alive[int(rng.integers(len(alive)))]
+                else:
+                    continue
+            # Weighted by tissue: accept with probability area / cap (rejection sampling), so a
+            # slot holds slide j with probability proportional to its tissue area.
+            if self.weighting == "uniform" or u * self.tissue_cap < self._tissue_mm2(d, j):
+                break
+        self._memo[(d, k)] = (epoch, j)
+        return j
+
+    def _tissue_mm2(self, d: int, j: int) -> float:
+        """Slide j's tissue area (mm², at most the cap), known once it has been opened; 0 for a
+        slide that fails to open (it is dropped)."""
+        sid = self.datasets[d].slides[j].slide_id
+        if (d, sid) not in self.areas:
+            entry = self._open(d, j)
+            area = 0.0 if entry is None else entry.tissue_mm2
+            if area > self.tissue_cap:
+                log.warning("slide %s has %.0f mm² of tissue, above data.tissue_mm2_cap (%g): "
+                            "weighted as if it had %g", self.datasets[d].slides[j].path, area,
+                            self.tissue_cap, self.tissue_cap)
+            self.areas[(d, sid)] = min(area, self.tissue_cap)
+        return self.areas[(d, sid)]
 
     def _drop(self, d: int, j: int, reason: str) -> None:
         spec = self.datasets[d].slides[j]
         self.dropped[(d, spec.slide_id)] = reason[:300]
         self.counts["slide_error"] += 1
         self.open.drop((d, j))
+        self._memo.clear()  # slots are a function of the dropped slides
         log.warning("dropped slide %s (dataset %r): %s", spec.path, self.datasets[d].name, reason)
+
+    def _open(self, d: int, j: int) -> SlideEntry | None:
+        """Slide j of dataset d, opened (or still open); None when it fails and is dropped."""
+        entry = self.open.get((d, j))
+        if entry is not None:
+            return entry
+        spec = self.datasets[d].slides[j]
+        try:
+            entry = SlideEntry(spec, self.params, self.masks,
+                               self.read_errors.get((d, spec.slide_id), 0), self.stage)
+        except StagingError as err:
+            if not isinstance(err.__cause__, FileNotFoundError):
+                raise  # storage down past data.read_retry_s: stop (resume continues exactly)
+            self._drop(d, j, str(err))
+            return None
+        except Exception as err:  # noqa: BLE001 - one slide's failure never ends the run
+            self._drop(d, j, str(err) if isinstance(err, SlideError) else f"{type(err).__name__}: {err}")
+            return None
+        self.open.put((d, j), entry)
+        return entry
 
     def _slot(self, d: int, k: int, i: int) -> tuple[int, SlideEntry]:
         while True:  # each failure drops a slide, so this ends (or raises: all dropped)
             j = self._pool_slide(d, k, i)
-            entry = self.open.get((d, j))
+            entry = self._open(d, j)
             if entry is not None:
                 return j, entry
-            spec = self.datasets[d].slides[j]
-            try:
-                entry = SlideEntry(spec, self.params, self.masks,
-                                   self.read_errors.get((d, spec.slide_id), 0), self.stage)
-            except StagingError as err:
-                if not isinstance(err.__cause__, FileNotFoundError):
-                    raise  # storage down past data.read_retry_s: stop (resume continues exactly)
-                self._drop(d, j, str(err))
-                continue
-            except Exception as err:  # noqa: BLE001 - one slide's failure never ends the run
-                self._drop(d, j, str(err) if isinstance(err, SlideError) else f"{type(err).__name__}: {err}")
-                continue
-            self.open.put((d, j), entry)
-            return j, entry
 
     # -- draws
 
@@ -506,7 +546,8 @@ def tile_sampler(cfg: DataConfig, *, seed: int = 0, stream: int = 0, n_streams: 
     datasets = slide_datasets(cfg)
     return TileSampler(datasets, cfg.tile_params(), seed=[int(seed) & 0xFFFFFFFF, n_streams, stream],
                        slide_pool=cfg.slide_pool, draws_per_slide=cfg.draws_per_slide,
-                       mask_cache_dir=cfg.mask_cache_dir, stage=slide_cache(cfg), state=state)
+                       mask_cache_dir=cfg.mask_cache_dir, stage=slide_cache(cfg),
+                       weighting=cfg.slide_weighting, tissue_cap=cfg.tissue_mm2_cap, state=state)
 
 
 # ---------------------------------------------------------------------------- batches
@@ -522,6 +563,7 @@ class SlideStream:
         self.sampler = TileSampler(datasets, cfg.tile_params(), seed=self.seed,
                                    slide_pool=cfg.slide_pool, draws_per_slide=cfg.draws_per_slide,
                                    mask_cache_dir=cfg.mask_cache_dir, stage=slide_cache(cfg),
+                                   weighting=cfg.slide_weighting, tissue_cap=cfg.tissue_mm2_cap,
                                    state=position)
         self.batches = int(position["batches"]) if position else 0
 

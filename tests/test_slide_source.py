@@ -276,3 +276,24 @@ def test_slides_on_object_storage_give_the_local_tiles(slide_dir, s3_env, tmp_pa
         assert sampler.counts["slide_error"] == 1
         [reason] = sampler.dropped.values()
         assert "gone.tiff" in reason
+
+
+def test_slides_weighted_by_tissue_area(slide_dir, tmp_path):
+    """slide_weighting: tissue picks each slide in proportion to its tissue area (mm², so µm/px
+    counts), and the draws still resume exactly."""
+    csv = tmp_path / "list.csv"  # the whole tissue, and a 1024² corner of it given 0.25 µm/px
+    csv.write_text(f"path,mpp\n{slide_dir / 'generic40x.tiff'},\n{slide_dir / 'nompp.tiff'},0.25\n")
+    c = cfg(str(csv), slide_pool=1, draws_per_slide=1, slide_weighting="tissue", tissue_mm2_cap=1.0)
+    with tile_sampler(c, seed=2) as sampler:
+        tiles = [sampler.draw() for _ in range(400)]
+        areas = {sid: a for (_, sid), a in sampler.areas.items()}
+        state = sampler.state()
+    assert 0.1 < areas["nompp"] / areas["generic40x"] < 0.5 and max(areas.values()) < 1.0
+    share = Counter(t.slide_id for t in tiles)["generic40x"] / len(tiles)
+    assert share == pytest.approx(areas["generic40x"] / sum(areas.values()), abs=0.07)
+    with tile_sampler(c, seed=2) as straight:
+        keys = [straight.draw().key for _ in range(450)]
+    with tile_sampler(c, seed=2, state=state) as resumed:
+        assert [resumed.draw().key for _ in range(50)] == keys[400:]
+    with pytest.raises(ValueError, match="slide_weighting"):
+        cfg(str(csv), slide_weighting="area")
