@@ -203,6 +203,14 @@ class DataConfig:
             raise ValueError(f"data.tiles: {message}") from None
 
 
+def ibot_masks(cfg: DataConfig, rng: np.random.Generator) -> torch.Tensor:
+    """The iBOT masks of one batch's global crops, [2·B, (G // patch)²], crop-major."""
+    return torch.from_numpy(batch_masks(
+        rng, 2 * cfg.batch_size, cfg.global_crop_size // cfg.patch_size,
+        sample_probability=cfg.mask_sample_probability, ratio_min_max=tuple(cfg.mask_ratio_min_max),
+        max_fraction=cfg.mask_max_fraction, min_patches=cfg.mask_min_patches))
+
+
 class _DatasetReader:
     """One dataset's shards for one stream: endless per-epoch permutations, interleaved slots."""
 
@@ -348,13 +356,9 @@ class SampleStream:
                 record, img, i = self._next_image()
                 self._check_tile_size(record, img.size)
                 batch.add(record["__key__"], img, self.geometry, i)
-            rng = np.random.default_rng(self.seed + [_TAG_MASK, self.batches])
-            masks = batch_masks(rng, 2 * cfg.batch_size, cfg.global_crop_size // cfg.patch_size,
-                                sample_probability=cfg.mask_sample_probability,
-                                ratio_min_max=tuple(cfg.mask_ratio_min_max),
-                                max_fraction=cfg.mask_max_fraction, min_patches=cfg.mask_min_patches)
+            masks = ibot_masks(cfg, np.random.default_rng(self.seed + [_TAG_MASK, self.batches]))
             self.batches += 1
-            yield {**batch.tensors(), "masks": torch.from_numpy(masks), "_position": self.position()}
+            yield {**batch.tensors(), "masks": masks, "_position": self.position()}
 
 
 class StreamDataset(IterableDataset):

@@ -59,7 +59,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from midnight_prep import tissue
@@ -72,8 +71,7 @@ from midnight_prep.slides import Slide, SlideError
 from midnight_prep.staging import SlideCache, Staged, StagingError
 from midnight_prep.tissue import ForegroundMap
 from midnight_train.crops import CropBatch, draw_geometry
-from midnight_train.data import DataConfig, StreamDataset
-from midnight_train.masking import batch_masks
+from midnight_train.data import DataConfig, StreamDataset, ibot_masks
 
 log = logging.getLogger(__name__)
 
@@ -580,13 +578,9 @@ class SlideStream:
                 for row in range(cfg.batch_size):
                     tile = self.sampler.draw()
                     batch.add(tile.key, Image.fromarray(tile.rgb), geometry, row)
-                rng = np.random.default_rng(self.seed + [TAG_MASK, self.batches])
-                masks = batch_masks(rng, 2 * cfg.batch_size, cfg.global_crop_size // cfg.patch_size,
-                                    sample_probability=cfg.mask_sample_probability,
-                                    ratio_min_max=tuple(cfg.mask_ratio_min_max),
-                                    max_fraction=cfg.mask_max_fraction, min_patches=cfg.mask_min_patches)
+                masks = ibot_masks(cfg, np.random.default_rng(self.seed + [TAG_MASK, self.batches]))
                 self.batches += 1
-                yield {**batch.tensors(), "masks": torch.from_numpy(masks), "_position": self.position()}
+                yield {**batch.tensors(), "masks": masks, "_position": self.position()}
         finally:
             self.sampler.close()
 

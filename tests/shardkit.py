@@ -8,6 +8,7 @@ RGB JPEG q90 4:2:0 and written as `KEY.jpg` + `KEY.json` tar members. Helpers to
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import json
 import tarfile
@@ -149,3 +150,13 @@ def truncate(path: str | Path, keep_fraction: float) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: int(len(data) * keep_fraction) + 100])
     return path
+
+
+def shard_contents(out: str | Path) -> dict[str, tuple[str, list[str]]]:
+    """An output's shards: name -> (sha256, sample keys in order)."""
+    found = {}
+    for p in sorted((Path(out) / "shards").glob("*.tar")):
+        with tarfile.open(p) as tar:
+            keys = [m.name.rsplit(".", 1)[0] for m in tar.getmembers() if m.name.endswith(".jpg")]
+        found[p.name] = (hashlib.sha256(p.read_bytes()).hexdigest(), keys)
+    return found

@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from shardkit import shard_contents
 
 from midnight_prep.job import OWNER_FILE, SCRATCH_PREFIX
 from midnight_prep.plan import BuildParams, make_plan
@@ -38,16 +38,6 @@ def prep(*args, check=None) -> subprocess.CompletedProcess:
     if check is not None:
         assert done.returncode == check, done.stdout + done.stderr
     return done
-
-
-def contents(out: Path) -> dict[str, tuple[str, list[str]]]:
-    """shard name -> (sha256, sample keys in order)."""
-    found = {}
-    for p in sorted((out / "shards").glob("*.tar")):
-        with tarfile.open(p) as tar:
-            keys = [m.name.rsplit(".", 1)[0] for m in tar.getmembers() if m.name.endswith(".jpg")]
-        found[p.name] = (hashlib.sha256(p.read_bytes()).hexdigest(), keys)
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +63,7 @@ def slides(slide_dir):
 def local_build(slides, tmp_path_factory):
     out = tmp_path_factory.mktemp("local") / "out"
     prep("build", *slides, "-o", out, *PLAN_ARGS, "--workers", 2, check=0)
-    found = contents(out)
+    found = shard_contents(out)
     assert len({name.split("-")[1] for name in found}) == 3  # every job wrote shards
     return found
 
@@ -89,7 +79,7 @@ def test_ray_build_gives_the_local_shards(ray_address, slides, local_build, tmp_
     done = subprocess.run(ray_run(slides, out, ray_address), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "on the Ray cluster at" in done.stderr and "tiles in" in done.stdout  # same summary
-    assert contents(out) == local_build
+    assert shard_contents(out) == local_build
     assert not list(out.rglob("*.lock")) and not list(out.rglob("*.partial"))
 
 
@@ -142,7 +132,7 @@ def test_a_killed_worker_is_retried_to_the_same_bytes(ray_address, slides, local
     manifest = json.loads((out / "manifests" / f"{job.job_id}.json").read_text())
     assert manifest["started_at"] > killed_at  # built again by the retry, after the kill
     assert outcome.manifest == manifest
-    assert contents(out) == {k: v for k, v in local_build.items() if k.startswith(f"{job.job_id}-")}
+    assert shard_contents(out) == {k: v for k, v in local_build.items() if k.startswith(f"{job.job_id}-")}
     assert not list(out.rglob("*.lock")) and not list(out.rglob("*.partial"))
     # The first try's counts were taken back: the bars end at the job's real totals.
     asked = sum(sum(s.quotas.values()) for s in job.slides)
@@ -179,7 +169,7 @@ def test_ctrl_c_cancels_then_a_ray_resume_finishes_exactly(ray_address, slides, 
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{finished} of 3 jobs already done" in done.stderr
-    assert contents(out) == local_build
+    assert shard_contents(out) == local_build
 
 
 def test_a_job_that_fails_for_good_ends_failed(ray_address, slides, tmp_path):
@@ -230,4 +220,4 @@ def test_ray_to_object_storage_with_storage_options(ray_address, slide_dir, s3_e
     fs.invalidate_cache()
     stored = {p.rsplit("/", 1)[-1]: hashlib.sha256(fs.cat_file(p)).hexdigest()
               for p in fs.find(f"{BUCKET}/ray-out/shards")}
-    assert stored == {k: v for k, (v, _) in contents(tmp_path / "local").items()}
+    assert stored == {k: v for k, (v, _) in shard_contents(tmp_path / "local").items()}

@@ -3,24 +3,13 @@ gives exactly the shards of one local build: same names, same bytes, same sample
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
-import tarfile
-from pathlib import Path
+
+from shardkit import shard_contents
 
 CLI = [sys.executable, "-m", "midnight_prep.cli"]
 PLAN_ARGS = ["--tiles-per-slide", 24, "--shard-size", 10, "--slides-per-job", 1, "--seed", 5]
-
-
-def contents(out: Path) -> dict[str, tuple[str, list[str]]]:
-    """shard name -> (sha256, sample keys in order)."""
-    found = {}
-    for p in sorted((out / "shards").glob("*.tar")):
-        with tarfile.open(p) as tar:
-            keys = [m.name.rsplit(".", 1)[0] for m in tar.getmembers() if m.name.endswith(".jpg")]
-        found[p.name] = (hashlib.sha256(p.read_bytes()).hexdigest(), keys)
-    return found
 
 
 def test_three_tasks_give_the_local_build(slide_dir, cmu_slide, tmp_path):
@@ -40,7 +29,7 @@ def test_three_tasks_give_the_local_build(slide_dir, cmu_slide, tmp_path):
         assert proc.returncode == 0, stdout + stderr
         ran.append(int(stderr.split("running ")[1].split()[0]))
     assert ran == [2, 1, 1]  # 4 jobs: task 0 runs jobs 0 and 3, tasks 1 and 2 one each
-    expected = contents(local)
+    expected = shard_contents(local)
     assert len({name.split("-")[1] for name in expected}) == 4 and all(k for _, k in expected.values())
-    assert contents(split) == expected
+    assert shard_contents(split) == expected
     assert not list(split.rglob("*.lock")) and not list(split.rglob("*.partial"))
