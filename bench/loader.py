@@ -322,7 +322,7 @@ def run_slides(args: argparse.Namespace, tmp: Path) -> None:
         masks = MaskStore(mask_dir)
         for link in links:  # warm cache: as after the first visit of each slide on a node
             with Slide(link) as slide:
-                masks.get(slide, params)
+                masks.get(link, slide, params)
         configs = {
             "shards": DataConfig(shards=str(out), shuffle_buffer=256, **crops),
             "one slide": DataConfig(slides=str(path), tiles=tiles, mask_cache_dir=mask_dir, **crops),
