@@ -258,9 +258,13 @@ class MaskStore:
                 os.unlink(tmp)
 
 
+_NO_TISSUE = "no tissue: no tile position has {:.0%} foreground at any of its µm/px"
+
+
 class SlideEntry:
-    """An open slide with what sampling it needs: its reader and, per usable µm/px, the target
-    and the position sampler."""
+    """An open slide with what sampling it needs: its reader and, per µm/px it can give, the
+    target and the position sampler (built when that µm/px is first drawn: a slide drawn for
+    a few tiles does not pay the set-up of all of them)."""
 
     def __init__(self, spec: SlideSpec, params: BuildParams, masks: MaskStore, read_errors: int,
                  cache: SlideCache):
@@ -268,27 +272,39 @@ class SlideEntry:
         try:
             mask, cell = masks.get(spec.path, slide, params)
             fg = ForegroundMap.from_mask(mask, cell)
-            self.usable: list[tuple[Target, TissueSampler]] = []
-            targets = [t for t in (tile_target(slide, params, m) for m in params.mpps) if t is not None]
-            if not targets:
+            self.targets = [t for t in (tile_target(slide, params, m) for m in params.mpps) if t is not None]
+            if not self.targets:
                 raise SlideError(
                     f"its finest level is {slide.levels[0].mpp:.3g} µm/px: it cannot give any of "
                     f"{', '.join(f'{m:g}' for m in params.mpps)} µm/px without upsampling by "
                     f"more than {params.mpp_tolerance:.0%}")
-            for target in targets:
-                sampler = TissueSampler(fg, slide.width, slide.height, target.extent, params.foreground)
-                if not sampler.empty:
-                    self.usable.append((target, sampler))
-            if not self.usable:
-                raise SlideError(f"no tissue: no tile position has {params.foreground:.0%} "
-                                 f"foreground at any of its µm/px")
+            if fg.area == 0:
+                raise SlideError(_NO_TISSUE.format(params.foreground))
         except BaseException:
             self.slide = slide
             self.close()
             raise
-        self.slide = slide
+        self.slide, self.fg, self.foreground = slide, fg, params.foreground
+        self.samplers: list[TissueSampler | None] = [None] * len(self.targets)
         self.tissue_mm2 = fg.area * slide.mpp ** 2 / 1e6  # level-0 px² → mm²
         self.reader = TileReader(slide, params, errors=read_errors)
+
+    def _sampler(self, t: int) -> TissueSampler:
+        if self.samplers[t] is None:
+            self.samplers[t] = TissueSampler(self.fg, self.slide.width, self.slide.height,
+                                             self.targets[t].extent, self.foreground)
+        return self.samplers[t]
+
+    def choose(self, rng: np.random.Generator) -> tuple[Target, TissueSampler]:
+        """A µm/px drawn uniformly among those where some position passes the foreground test
+        (one without is drawn again, which keeps the draws a function of the slide alone, not of
+        which samplers exist yet); SlideError when there is none."""
+        while True:
+            t = int(rng.integers(len(self.targets)))
+            if not self._sampler(t).empty:
+                return self.targets[t], self.samplers[t]
+            if all(self._sampler(u).empty for u in range(len(self.targets))):
+                raise SlideError(_NO_TISSUE.format(self.foreground))
 
     def close(self) -> None:
         self.slide.close()
@@ -479,10 +495,10 @@ class TileSampler:
         while True:  # every failed round counts against a slide, which is dropped in the end
             k = int(rng.integers(self.pool))
             j, entry = self._slot(d, k, i)
-            target, sampler = entry.usable[int(rng.integers(len(entry.usable)))]
             try:
+                target, sampler = entry.choose(rng)
                 tile = self._candidates(d, j, entry, target, sampler, rng)
-            except SlideError as err:  # MAX_READ_ERRORS reached
+            except SlideError as err:  # no tissue, or MAX_READ_ERRORS reached
                 self._drop(d, j, str(err))
                 continue
             if tile is not None:
