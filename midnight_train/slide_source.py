@@ -414,6 +414,18 @@ class TileSampler:
         memo = self._memo.get((d, k))
         if memo is not None and memo[0] == epoch:
             return memo[1]
+        while True:
+            # Weighted by tissue, choosing opens candidates and may drop some, which changes the
+            # choice (the every-64th-try fallback): choose again until no slide drops, so the
+            # slot is what the dropped set gives, as a resumed run computes it.
+            dropped = len(self.dropped)
+            j = self._choose_slide(d, k, epoch)
+            if len(self.dropped) == dropped:
+                break
+        self._memo[(d, k)] = (epoch, j)
+        return j
+
+    def _choose_slide(self, d: int, k: int, epoch: int) -> int:
         ds = self.datasets[d]
         for t in itertools.count():
             rng = np.random.default_rng(self.seed + [TAG_POOL, d, k, epoch, t])
@@ -432,7 +444,6 @@ class TileSampler:
             # slot holds slide j with probability proportional to its tissue area.
             if self.weighting == "uniform" or u * self.tissue_cap < self._tissue_mm2(d, j):
                 break
-        self._memo[(d, k)] = (epoch, j)
         return j
 
     def _tissue_mm2(self, d: int, j: int) -> float:

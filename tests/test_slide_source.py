@@ -297,3 +297,28 @@ def test_slides_weighted_by_tissue_area(slide_dir, tmp_path):
         assert [resumed.draw().key for _ in range(50)] == keys[400:]
     with pytest.raises(ValueError, match="slide_weighting"):
         cfg(str(csv), slide_weighting="area")
+
+
+def test_tissue_weighted_pool_resumes_exactly_when_slides_drop_while_choosing(slide_dir, tmp_path):
+    """Weighted by tissue, choosing a pool slide opens candidates, and some fail and are dropped
+    then: the slot must still be what the dropped set gives (what a resumed run computes), also
+    when a candidate hits the every-64th-try fallback to the slides left."""
+    junk = (slide_dir / "notaslide.tiff").read_bytes()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for n in range(300):  # 300 unopenable slides and 3 good ones: choosing takes 100s of tries
+        (bad / f"bad{n:03d}.tiff").write_bytes(junk)
+    slides = [str(slide_dir / f) for f in ("generic40x.tiff", "aperio40x.svs", "scan20x.tiff")] + [str(bad)]
+    c = cfg(slides, slide_pool=1, draws_per_slide=8, slide_weighting="tissue", tissue_mm2_cap=1.0)
+    logging.getLogger("midnight_train.slide_source").setLevel(logging.ERROR)  # 300 warnings
+    try:
+        for seed in (6, 7):  # 7 chose differently on resume before the fix
+            with tile_sampler(c, seed=seed) as straight:
+                keys = [straight.draw().key for _ in range(8)]
+            with tile_sampler(c, seed=seed) as first:  # stopped mid-epoch of the pool slot
+                assert [first.draw().key for _ in range(4)] == keys[:4]
+                state = first.state()
+            with tile_sampler(c, seed=seed, state=state) as resumed:
+                assert [resumed.draw().key for _ in range(4)] == keys[4:], seed
+    finally:
+        logging.getLogger("midnight_train.slide_source").setLevel(logging.NOTSET)
