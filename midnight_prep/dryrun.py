@@ -82,9 +82,11 @@ def check_output(plan: Plan) -> tuple[list[str], list[str]]:
             except FileNotFoundError:
                 raise FileNotFoundError(f"there is no bucket {bucket!r}") from None
         fs.pipe_file(path, b"midnight-prep dry run\n")
-        if fs.cat_file(path) != b"midnight-prep dry run\n":
-            problems.append(f"output {plan.output}: a probe object read back differently")
-        fs.rm_file(path)
+        try:
+            if fs.cat_file(path) != b"midnight-prep dry run\n":
+                problems.append(f"output {plan.output}: a probe object read back differently")
+        finally:  # written means removed, even when reading it back fails (write-only keys)
+            fs.rm_file(path)
     except Exception as e:
         problems.append(f"output: {storage_message(probe, e, 'write')}")
     finally:

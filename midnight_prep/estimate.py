@@ -166,5 +166,5 @@ def format_estimate(e: dict) -> str:
         f"{e['nodes']} node(s) x {e['cores_per_node']} cores, if the slides arrive fast enough",
         f"  slides read    {egress}; to keep the cores busy each node reads "
         f"{size(e['read_bytes_per_s_per_node']['high'])}/s to {size(e['read_bytes_per_s_per_node']['low'])}/s",
-        f"  shards stored  {size(e['storage_bytes'])} ({e['bytes_per_tile']:,} bytes per tile)",
+        f"  shards stored  {size(e['storage_bytes'])} ({e['bytes_per_tile'] or 0:,} bytes per tile)",
     ])
