@@ -154,24 +154,30 @@ class SlideCache:
         key = entry_key(url)
         entry = os.path.join(self.root, key)
         deadline = time.monotonic() + self.wait_s
+
+        def complete() -> bool:  # a folder without ENTRY_FILE is a half-removed entry
+            return os.path.isfile(os.path.join(entry, ENTRY_FILE))
+
         while True:
             fd = self._lock_entry(key, fcntl.LOCK_SH)
             if fd is None:
                 continue  # the lock file was replaced meanwhile
             try:
-                if not os.path.isdir(entry):
+                if not complete():
                     # Become its downloader (others wait on the exclusive lock for our copy).
                     # flock converts by unlocking first, so the entry is looked for again.
                     if not self._relock(fd, key, fcntl.LOCK_EX):
                         os.close(fd)
                         continue
-                    if not os.path.isdir(entry):
+                    if not complete():
+                        # What a process killed while removing this entry left behind.
+                        shutil.rmtree(entry, ignore_errors=True)
                         try:
                             self._download(url, key, name, deadline)
                         except BaseException:
                             os.unlink(self._lock_path(key))  # no entry: leave no lock file
                             raise
-                    if not self._relock(fd, key, fcntl.LOCK_SH) or not os.path.isdir(entry):
+                    if not self._relock(fd, key, fcntl.LOCK_SH) or not complete():
                         os.close(fd)
                         continue
                 with open(os.path.join(entry, ENTRY_FILE)) as f:

@@ -168,6 +168,16 @@ def test_staging_errors_and_leftovers(s3_env, tmp_path):
         assert cache.used_bytes() == 5000
     assert entries(stage) == []  # keep=False: removed on release
 
+    # An entry half removed by a process killed while evicting it (no entry.json) is fetched
+    # again, not an error for ever after.
+    kept = SlideCache(str(stage), 10_000, retry_s=1, wait_s=5, keep=True)
+    with kept.open_local(url):
+        pass
+    (stage / entry_key(url) / "entry.json").unlink()
+    with kept.open_local(url) as path:
+        assert Path(path).read_bytes() == b"x" * 5000 and kept.used_bytes() == 5000
+    assert kept.clean() == 5000
+
     with cache.open_local(f"s3://{PREFIX}/mirax/m.mrxs") as path:  # the data folder comes along
         assert Path(path).read_bytes() == b"index"
         assert (Path(path).parent / "m" / "Data0000.dat").read_bytes() == b"d" * 300
