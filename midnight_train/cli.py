@@ -4,6 +4,7 @@ Heavy imports (torch, timm, accelerate) happen inside each command, so `--help` 
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import click
@@ -44,10 +45,23 @@ def data() -> None:
     """Inspect the training input pipeline."""
 
 
+def _source_and_overrides(args: tuple[str, ...], config_path: str | None) -> tuple[str | None, list[str]]:
+    """Split `data inspect/preview` arguments into a SOURCE and `section.key=value` overrides
+    (these only with a --config, as `fit` takes them)."""
+    overrides = [a for a in args if re.match(r"[A-Za-z_][\w.]*=", a)]
+    sources = [a for a in args if a not in overrides]
+    if len(sources) > 1:
+        raise click.UsageError(f"one SOURCE at most (got {', '.join(sources)})")
+    if overrides and config_path is None:
+        raise click.UsageError(f"{overrides[0]}: key=value overrides need a --config")
+    return (sources[0] if sources else None), overrides
+
+
 @data.command()
-@click.argument("source", required=False)
+@click.argument("args", metavar="[SOURCE] [KEY=VALUE]...", nargs=-1)
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-              help="Training YAML: inspect its data source (shards, or slides drawn online).")
+              help="Training YAML: inspect its data source (shards, or slides drawn online); "
+                   "KEY=VALUE overrides it as in `fit`.")
 @click.option("--samples", "n_samples", default=200, show_default=True,
               help="Shards: read the JSON and decode the JPEG of this many samples (from the "
                    "first shards). Slides: draw this many tiles.")
@@ -55,7 +69,7 @@ def data() -> None:
               help="Without manifests, count the samples of at most this many shards.")
 @click.option("--seed", default=0, show_default=True, help="Slides: the seed of the draws.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def inspect(source: str | None, config_path: str | None, n_samples: int, count_shards: int,
+def inspect(args: tuple[str, ...], config_path: str | None, n_samples: int, count_shards: int,
             seed: int, as_json: bool) -> None:
     """Summarise a shard SOURCE, or the data source of a training --config.
 
@@ -72,12 +86,14 @@ def inspect(source: str | None, config_path: str | None, n_samples: int, count_s
       midnight-train data inspect out/                  # a midnight-prep output directory
       midnight-train data inspect 's3://bucket/tcga-100M/shards/job-{000000..000099}-0000.tar' --json
       midnight-train data inspect --config examples/midnight-12k.yaml --samples 500
+      midnight-train data inspect --config examples/tiny-cpu.yaml data.slides=slides/
     """
     import json
 
     from midnight_train.config import ConfigError, load_config
     from midnight_train.preview import format_inspection, inspect_slides, inspect_source
 
+    source, overrides = _source_and_overrides(args, config_path)
     if (source is None) == (config_path is None):
         raise click.UsageError("give a shard SOURCE or a --config (not both)")
     try:
@@ -85,7 +101,7 @@ def inspect(source: str | None, config_path: str | None, n_samples: int, count_s
             infos = [inspect_source(source, n_samples=n_samples, count_shards=count_shards)]
         else:
             try:
-                data_cfg = load_config(config_path).data
+                data_cfg = load_config(config_path, overrides).data
             except (ConfigError, ValueError) as err:
                 raise click.UsageError(str(err)) from err
             if data_cfg.source_kind() == "slides":
@@ -104,16 +120,17 @@ def inspect(source: str | None, config_path: str | None, n_samples: int, count_s
 
 
 @data.command()
-@click.argument("source", required=False)
+@click.argument("args", metavar="[SOURCE] [KEY=VALUE]...", nargs=-1)
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False),
-              help="Training YAML; its data: and augment: sections are used.")
+              help="Training YAML; its data: and augment: sections are used (KEY=VALUE "
+                   "overrides them as in `fit`).")
 @click.option("--out", "out_path", default="preview.png", show_default=True, type=click.Path())
 @click.option("--samples", default=4, show_default=True, help="Rows (samples) in the grid.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--hed-only", is_flag=True, help="Only HED jitter (no colour jitter, grey, blur, solarize).")
 @click.option("--hed-sigma-alpha", type=float, help="Override augment.hed_sigma_alpha.")
 @click.option("--hed-sigma-beta", type=float, help="Override augment.hed_sigma_beta.")
-def preview(source: str | None, config_path: str | None, out_path: str, samples: int, seed: int,
+def preview(args: tuple[str, ...], config_path: str | None, out_path: str, samples: int, seed: int,
             hed_only: bool, hed_sigma_alpha: float | None, hed_sigma_beta: float | None) -> None:
     """Write a PNG grid: per sample the original tile, its augmented global and local crops,
     cut and augmented by the training pipeline's own functions.
@@ -126,12 +143,14 @@ def preview(source: str | None, config_path: str | None, out_path: str, samples:
     \b
       midnight-train data preview out/ --out preview.png
       midnight-train data preview --config examples/midnight-12k.yaml --hed-only --samples 8
+      midnight-train data preview --config examples/tiny-cpu.yaml data.slides=slides/
     """
     from midnight_train.config import ConfigError, load_config
     from midnight_train.preview import render_preview
 
     try:
-        cfg = load_config(config_path, [f"data.shards={source}"] if source else [])
+        source, overrides = _source_and_overrides(args, config_path)
+        cfg = load_config(config_path, [*overrides, *([f"data.shards={source}"] if source else [])])
     except (ConfigError, ValueError) as err:
         hint = "" if source or config_path else " (give a SOURCE or a --config with a data source)"
         raise click.UsageError(f"{err}{hint}") from err

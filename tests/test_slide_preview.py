@@ -92,3 +92,20 @@ def test_inspect_takes_a_source_or_a_config(tmp_path, cmu_slide):
     missing = write_config(tmp_path / "missing.yaml", {"slides": str(tmp_path / "nothing.svs")})
     result = runner.invoke(main, ["data", "inspect", "--config", missing])
     assert result.exit_code == 1 and "nothing.svs" in result.output and "Traceback" not in result.output
+
+
+def test_inspect_and_preview_take_overrides_with_a_config(tmp_path, cmu_slide):
+    config = write_config(tmp_path / "train.yaml", {"shards": str(tmp_path / "no-shards")})
+    runner = CliRunner()
+    args = ["--config", config, f"data.slides={cmu_slide}", "data.tiles.tile_size=64"]
+    result = runner.invoke(main, ["data", "inspect", *args, "--samples", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["kind"] == "slides" and info["tile_sizes"] == {"64x64": 20}
+    out = tmp_path / "p.png"
+    result = runner.invoke(main, ["data", "preview", *args, "--out", str(out), "--samples", "2"])
+    assert result.exit_code == 0 and out.exists(), result.output
+    typo = runner.invoke(main, ["data", "inspect", *args, "data.tiles.tile_sise=64"])
+    assert typo.exit_code == 2 and "data.tiles.tile_sise" in typo.output
+    no_config = runner.invoke(main, ["data", "inspect", f"data.slides={cmu_slide}"])
+    assert no_config.exit_code == 2 and "need a --config" in no_config.output
