@@ -218,6 +218,13 @@ def fit(config_path: str, overrides: tuple[str, ...], debug: bool) -> None:
         if debug:
             raise
         raise click.ClickException(str(err)) from err
+    except RuntimeError as err:
+        # torch re-raises a loader worker's error with that worker's whole traceback in the
+        # message; its last line says what went wrong (--debug shows all of it)
+        if debug or "in DataLoader worker process" not in str(err):
+            raise
+        worker_error = [line for line in str(err).splitlines() if line.strip()][-1]
+        raise click.ClickException(f"a data loader worker failed: {worker_error}") from None
 
 
 @main.command()
