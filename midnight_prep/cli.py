@@ -334,10 +334,12 @@ def main() -> None:
 
     Typical use: `midnight-prep build SLIDES... --output OUT` (plan + run; rerun the same command
     to resume after a crash). For clusters: `plan` once, then `run OUT/plan.json --task I
-    --num-tasks N` per SLURM array task or Ray task, and `status OUT` to follow progress.
+    --num-tasks N` per SLURM array task (or one `run OUT/plan.json --executor ray` on a Ray
+    cluster), and `status OUT` to follow progress. OUT may be s3://bucket/prefix.
 
     \b
     midnight-prep build slides/ --output out/ --workers 8
+    midnight-prep build slides/ --output s3://bucket/run1 --executor ray --ray-address auto
     midnight-prep status out/
     midnight-prep inspect out/shards/job-000000-0000.tar --out sheet.png
     """
