@@ -201,6 +201,7 @@ def fit(config_path: str, overrides: tuple[str, ...], debug: bool) -> None:
     from midnight_prep.storage import StorageError
     from midnight_train.checkpoint import CheckpointError
     from midnight_train.config import ConfigError, load_config
+    from midnight_train.data import DataError
     from midnight_train.trainer import Preempted, RunError
     from midnight_train.trainer import fit as train
 
@@ -221,8 +222,11 @@ def fit(config_path: str, overrides: tuple[str, ...], debug: bool) -> None:
     except RuntimeError as err:
         # torch re-raises a loader worker's error with that worker's whole traceback in the
         # message; its last line says what went wrong (--debug shows all of it)
-        if debug or "in DataLoader worker process" not in str(err):
+        in_worker = "in DataLoader worker process" in str(err)
+        if debug or not (in_worker or isinstance(err, DataError)):
             raise
+        if not in_worker:
+            raise click.ClickException(str(err)) from None
         worker_error = [line for line in str(err).splitlines() if line.strip()][-1]
         raise click.ClickException(f"a data loader worker failed: {worker_error}") from None
 

@@ -203,6 +203,11 @@ class DataConfig:
             raise ValueError(f"data.tiles: {message}") from None
 
 
+class DataError(RuntimeError):
+    """The data cannot give batches (no readable sample, every slide unusable): one line for
+    the user. Raised in a DataLoader worker, torch re-raises it with that worker's traceback."""
+
+
 def ibot_masks(cfg: DataConfig, rng: np.random.Generator) -> torch.Tensor:
     """The iBOT masks of one batch's global crops, [2·B, (G // patch)²], crop-major."""
     return torch.from_numpy(batch_masks(
@@ -263,7 +268,7 @@ class _DatasetReader:
                 return record
             self._dry = self._dry + 1 if slot[1] == 0 else 0
             if self._dry > 2 * len(self.assigned) + self.n_slots:
-                raise RuntimeError(
+                raise DataError(
                     f"dataset {self.name!r}: no readable samples in {len(self.assigned)} shard(s) "
                     f"assigned to this stream (e.g. {self.assigned[0][0]}); skip counts: "
                     f"{self.counts.counts}")
@@ -345,7 +350,7 @@ class SampleStream:
                 self.counts.skip("decode_error", f"{record['__url__']}: {record['__key__']}: {exn!r}")
                 bad_run += 1
                 if bad_run > 10 * self.cfg.shuffle_buffer + 1000:
-                    raise RuntimeError(f"{bad_run} undecodable samples in a row: the shards hold "
+                    raise DataError(f"{bad_run} undecodable samples in a row: the shards hold "
                                        f"no usable JPEG tiles ({self.counts.counts})") from exn
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -461,11 +466,14 @@ class Loader:
         return self._hand_out(iter(loader))  # workers start now, not at the first next()
 
     def _hand_out(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for batch in batches:
-            position = batch.pop("_position")
-            self.positions[position["worker"]] = position
-            self.consumed += 1
-            yield batch
+        try:
+            for batch in batches:
+                position = batch.pop("_position")
+                self.positions[position["worker"]] = position
+                self.consumed += 1
+                yield batch
+        finally:  # workers block SIGTERM: stop them here, also when one has failed
+            getattr(batches, "_shutdown_workers", lambda: None)()
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, **self.identity, "source": self.source,

@@ -71,7 +71,7 @@ from midnight_prep.slides import Slide, SlideError
 from midnight_prep.staging import SlideCache, Staged, StagingError
 from midnight_prep.tissue import ForegroundMap
 from midnight_train.crops import CropBatch, draw_geometry
-from midnight_train.data import DataConfig, StreamDataset, ibot_masks
+from midnight_train.data import DataConfig, DataError, StreamDataset, ibot_masks
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +435,7 @@ class TileSampler:
                     alive = [a for a, s in enumerate(ds.slides) if (d, s.slide_id) not in self.dropped]
                     if not alive:
                         reasons = [f"{s.path}: {self.dropped[(d, s.slide_id)]}" for s in ds.slides[:3]]
-                        raise RuntimeError(f"dataset {ds.name!r}: all {len(ds.slides)} slides were "
+                        raise DataError(f"dataset {ds.name!r}: all {len(ds.slides)} slides were "
                                            f"dropped as unusable, e.g. {'; '.join(reasons)}")
                     j = alive[int(rng.integers(len(alive)))]
                 else:

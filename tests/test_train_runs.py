@@ -259,3 +259,20 @@ def test_fit_help_names_the_switches():
     text = CliRunner().invoke(main, ["fit", "-h"]).output
     for switch in ("resume=auto", "overwrite=true", "resume_allow_changes=true", "--debug"):
         assert switch in text
+
+
+def test_a_loader_workers_error_is_one_line_and_fit_exits(tmp_path, cmu_slide):
+    """A slide that cannot give any asked µm/px fails inside a DataLoader worker: `fit` says why
+    in one line (not torch's re-raised worker traceback) and exits; the workers, which block
+    SIGTERM for preemption, must not keep the process alive (this hung before)."""
+    tiny = str(Path(__file__).resolve().parents[1] / "examples" / "tiny-cpu.yaml")
+    for workers, said in ((1, "a data loader worker failed: midnight_train.data.DataError: "),
+                          (0, "Error: ")):
+        done = subprocess.run(
+            [sys.executable, "-m", "midnight_train", "fit", tiny, f"data.slides={cmu_slide}",
+             f"data.num_workers={workers}", "data.tiles.mpps=[0.1]", "train.tensorboard=false",
+             f"output_dir={tmp_path / f'run{workers}'}"],
+            capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert f"{said}dataset 'default': all 1 slides" in done.stderr, done.stderr
+        assert "0.1 µm/px" in done.stderr and "Traceback" not in done.stderr
