@@ -143,7 +143,8 @@ def test_cache_bound_and_sharing_across_processes(s3_env, tmp_path):
     # Room for both: the same slide is held by both at once, from one copy.
     one, two = hold_concurrently(stage, size * 3, [a, a], tmp_path)
     assert one["path"] == two["path"] and one["start"] < two["end"] and two["start"] < one["end"]
-    assert SlideCache(str(stage), size * 3).clean() == 2 * size
+    # what is left: the slide kept from the first part, and a (the same one if a came second)
+    assert SlideCache(str(stage), size * 3).clean() == len({second["url"], a}) * size
     assert entries(stage) == []
 
 
