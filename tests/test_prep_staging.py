@@ -99,20 +99,30 @@ def test_csv_on_s3_and_a_missing_object(s3_slides, tmp_path):
 HOLD = """
 import json, os, sys, time
 from midnight_prep.staging import SlideCache
-root, max_bytes, url, record = sys.argv[1:]
+root, max_bytes, url, record, together = sys.argv[1:]
 cache = SlideCache(root, int(max_bytes), keep=True)
 with cache.acquire(url) as held:
     start = time.time()
-    time.sleep(1.0)
+    if together:  # hold until the other holder holds too (a barrier, not a guess of timing)
+        open(os.path.join(together, str(os.getpid())), "w").close()
+        deadline = time.time() + 60
+        while len(os.listdir(together)) < 2 and time.time() < deadline:
+            time.sleep(0.02)
+    else:
+        time.sleep(1.0)
     seen = {"url": url, "start": start, "end": time.time(), "path": held.path,
             "size": os.path.getsize(held.path), "used": cache.used_bytes()}
 open(record, "w").write(json.dumps(seen))
 """
 
 
-def hold_concurrently(stage: Path, max_bytes: int, urls: list[str], tmp_path: Path) -> list[dict]:
+def hold_concurrently(stage: Path, max_bytes: int, urls: list[str], tmp_path: Path,
+                      together: Path | None = None) -> list[dict]:
     records = [tmp_path / f"hold-{i}.json" for i in range(len(urls))]
-    procs = [subprocess.Popen([sys.executable, "-c", HOLD, str(stage), str(max_bytes), url, str(rec)],
+    if together:
+        together.mkdir()
+    procs = [subprocess.Popen([sys.executable, "-c", HOLD, str(stage), str(max_bytes), url, str(rec),
+                               str(together or "")],
                               stderr=subprocess.PIPE, text=True) for url, rec in zip(urls, records)]
     for proc in procs:
         _, err = proc.communicate(timeout=60)
@@ -141,7 +151,7 @@ def test_cache_bound_and_sharing_across_processes(s3_env, tmp_path):
     assert not (stage / entry_key(first["url"])).exists()
 
     # Room for both: the same slide is held by both at once, from one copy.
-    one, two = hold_concurrently(stage, size * 3, [a, a], tmp_path)
+    one, two = hold_concurrently(stage, size * 3, [a, a], tmp_path, together=tmp_path / "both")
     assert one["path"] == two["path"] and one["start"] < two["end"] and two["start"] < one["end"]
     # what is left: the slide kept from the first part, and a (the same one if a came second)
     assert SlideCache(str(stage), size * 3).clean() == len({second["url"], a}) * size
