@@ -45,6 +45,54 @@ TINY = ["model.timm_kwargs={embed_dim: 64, depth: 2, num_heads: 2}", "model.img_
         "data.n_local_crops=2", "data.batch_size=4", "data.num_workers=2"]
 
 
+# What the checks import, tried first in ~5 s (a missing wheel is one line, not five tracebacks).
+PREFLIGHT_MODULES = ("torch", "timm", "accelerate", "safetensors", "yaml", "click", "tqdm",
+                     "sklearn", "PIL", "numpy", "fsspec", "braceexpand", "midnight_train.config",
+                     "midnight_train.data", "midnight_train.augment", "midnight_train.trainer",
+                     "midnight_train.export", "midnight_train.cli")
+
+
+def preflight_phase(args) -> None:
+    """Import what the checks need and load the configs they use; one line on the first miss."""
+    import importlib
+    import traceback
+
+    for name in PREFLIGHT_MODULES:
+        try:
+            importlib.import_module(name)
+        except Exception as err:
+            frames = [f for f in traceback.extract_tb(err.__traceback__)
+                      if f.filename.startswith(str(ROOT)) and f.filename != __file__]
+            where = (f" (imported at {Path(frames[-1].filename).relative_to(ROOT)}:"
+                     f"{frames[-1].lineno})" if frames else "")
+            sys.exit(f"gpu_check preflight: cannot import {name}: {type(err).__name__}: {err}"
+                     f"{where}. Add its wheel to bench/gpu_check_wheels.txt (then "
+                     f"bench/gpu_check.sh --prepare), or import it only where it is used")
+    from midnight_train.config import load_config
+
+    for example in ("vitb14-ablation.yaml", "tiny-cpu.yaml"):
+        load_config(ROOT / "examples" / example, [f"data.shards={args.data}"])
+    import torch
+
+    if not args.cpu and not torch.cuda.is_available():
+        sys.exit(f"gpu_check preflight: torch {torch.__version__} sees no CUDA device")
+    print("preflight: imports and configs ok", flush=True)
+
+
+def preflight(args) -> None:
+    """``preflight_phase`` in a fresh process, before any check starts (~5 s)."""
+    cmd = [sys.executable, __file__, "--phase", "preflight", "--data", str(args.data)]
+    try:
+        done = subprocess.run(cmd + (["--cpu"] if args.cpu else []), cwd=ROOT,
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        sys.exit("gpu_check preflight: importing torch, timm and midnight_train took over 60 s")
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        sys.exit(lines[-1] if lines else f"gpu_check preflight: exit {done.returncode}")
+    print(done.stdout.strip(), flush=True)
+
+
 def run(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
     print(f"$ {' '.join(cmd)}", flush=True)
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, **kw)
@@ -297,14 +345,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / ".gpu-check" / "out")
     parser.add_argument("--data", type=Path, default=ROOT / ".gpu-check" / "data")
     parser.add_argument("--cpu", action="store_true", help="dry run: tiny models on the CPU")
-    parser.add_argument("--phase", choices=["augment"], help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=["augment", "preflight"], help=argparse.SUPPRESS)
     parser.add_argument("--only", help="comma-separated checks to run (default: all)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.phase == "augment":
         print(json.dumps(augment_phase(args)), flush=True)
         return
+    if args.phase == "preflight":
+        preflight_phase(args)
+        return
 
+    began = time.perf_counter()
+    preflight(args)
     import torch
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -319,7 +372,6 @@ def main() -> None:
               "pipeline": lambda a: check_pipeline(a, work),
               "preempt": lambda a: check_preempt(a, work)}
     wanted = args.only.split(",") if args.only else list(checks)
-    began = time.perf_counter()
     for name in wanted:
         start = time.perf_counter()
         print(f"== {name}", flush=True)

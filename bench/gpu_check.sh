@@ -14,15 +14,17 @@
 # The results come back as files: gpu_check.json, gpu_check.md (the table for BENCHMARKS.md,
 # section "Training step") and gpu_check.log.
 #
-#   bench/gpu_check.sh --cpu   # dry run here: the same checks with tiny models on the CPU
-#                              # (after --prepare), results in .gpu-check/out-cpu/
+#   bench/gpu_check.sh --cpu          # dry run here: the same checks with tiny models on the
+#                                     # CPU (after --prepare), results in .gpu-check/out-cpu/
+#   bench/gpu_check.sh --cpu --bare   # the same with every package the GPU image lacks made
+#                                     # unimportable (bench/bare_image.py): what the GPU meets
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 prep=.gpu-check  # ignored by git; carried to the GPU machine
 # Pure-Python packages midnight_train imports that the GPU machine's image lacks (its image has
 # torch, timm, accelerate, safetensors, pillow, numpy, fsspec, click, tqdm, pyyaml, sklearn).
-wheels=("braceexpand==0.1.7")
+mapfile -t wheels < <(grep -v '^#' bench/gpu_check_wheels.txt | grep .)
 
 prepare() {
     local py=.venv/bin/python slides
@@ -58,12 +60,16 @@ case "${1:-}" in
         out="$prep/out-cpu"
         mkdir -p "$out"
         export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+        if [ "${2:-}" = --bare ]; then
+            .venv/bin/python bench/bare_image.py "$prep/bare"
+            export PYTHONPATH="$root/$prep/bare${PYTHONPATH:+:$PYTHONPATH}"
+        fi
         .venv/bin/python bench/gpu_check.py --cpu --out "$out" --data "$prep/data" \
             2>&1 | tee "$out/gpu_check.log"
         exit "${PIPESTATUS[0]}" ;;
     "") ;;
     *)
-        echo "usage: bench/gpu_check.sh [--prepare | --cpu]" >&2
+        echo "usage: bench/gpu_check.sh [--prepare | --cpu [--bare]]" >&2
         exit 2 ;;
 esac
 

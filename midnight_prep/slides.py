@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import openslide
 from PIL import Image
 
 # µm/px outside this range is treated as missing (e.g. a 72-dpi default resolution tag).
@@ -26,6 +25,16 @@ DEFAULT_MPP_TOLERANCE = 0.05
 
 class SlideError(Exception):
     """The slide cannot be used. The message says what is wrong and what to do about it."""
+
+
+def _openslide():
+    """OpenSlide, imported where a slide is opened: training from shards needs none of it."""
+    try:
+        import openslide
+    except ImportError as e:
+        raise SlideError(f"OpenSlide is not installed ({e}): pip install openslide-python "
+                         f"openslide-bin") from e
+    return openslide
 
 
 @dataclass(frozen=True)
@@ -187,6 +196,8 @@ class Slide:
         self.path = str(path)
         if not Path(self.path).exists():
             raise SlideError(f"file not found: {self.path}")
+        openslide = _openslide()
+        self._read_errors = (openslide.OpenSlideError, OSError, ValueError, RuntimeError)
         try:
             self._osr = openslide.OpenSlide(self.path)
         except openslide.OpenSlideUnsupportedFormatError as e:
@@ -239,7 +250,7 @@ class Slide:
             ds = self.levels[level].downsample
             img = self._osr.read_region((round(x * ds), round(y * ds)), level, (w, h))
             return _rgba_to_rgb(img)
-        except (openslide.OpenSlideError, OSError, ValueError, RuntimeError) as e:
+        except self._read_errors as e:
             raise SlideError(f"cannot read level {level} at ({x}, {y}) size {w}x{h}: {e}; the file "
                              "is probably damaged or truncated: copy or export it again") from e
 
