@@ -106,7 +106,9 @@ class Backbone(nn.Module):
         x = vit._pos_embed(x)
         x = vit.norm_pre(vit.patch_drop(x))
         if vit.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint_seq(vit.blocks, x)
+            # Non-reentrant: the backbone runs twice per step (global, local crops), and DDP
+            # refuses reentrant checkpoints there ("mark a variable ready only once").
+            x = checkpoint_seq(vit.blocks, x, use_reentrant=False)
         else:
             x = vit.blocks(x)
         return vit.norm(x)
