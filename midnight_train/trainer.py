@@ -126,6 +126,22 @@ def set_rng_states(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def restore_generator(generator: torch.Generator, state: torch.Tensor,
+                      fallback_seed: int) -> str | None:
+    """Load a saved generator state, or, when it is another device's (a CPU generator's state is
+    5056 bytes, a CUDA one's 16: a checkpoint written on the CPU resumed on a GPU, or the
+    reverse), seed ``generator`` with ``fallback_seed`` and return what to warn about."""
+    try:
+        generator.set_state(state)
+        return None
+    except (RuntimeError, TypeError) as err:
+        generator.manual_seed(fallback_seed)
+        return (f"the checkpoint's augmentation generator state ({state.numel()} bytes) is not a "
+                f"{generator.device.type} generator's ({str(err).splitlines()[0][:120]}): it "
+                f"was written on another kind of device. Reseeded from the step: the run goes "
+                f"on, but not bit-for-bit as it would have on the device it started on")
+
+
 def adamw_implementation(groups: list[dict]) -> dict[str, bool]:
     """``fused=True`` (one kernel over all parameters, CPU and CUDA; ~7x faster than the default
     per-parameter loop on CPU for the 65k-prototype heads) where every parameter allows it, else
@@ -758,7 +774,10 @@ class Trainer:
         tc = self.cfg.train
         if rank_state:
             set_rng_states(rank_state["rng"])
-            self.aug_generator.set_state(rank_state["augment_rng"])  # a CPU tensor on any device
+            warning = restore_generator(self.aug_generator, rank_state["augment_rng"],
+                                        tc.seed * 1_000_003 + 7919 * self.rank + 1 + self.step)
+            if warning:
+                self._say(warning, warning=True)
         else:
             per_rank = tc.seed * 1_000_003 + 7919 * self.rank + self.step
             torch.manual_seed(per_rank)

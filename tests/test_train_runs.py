@@ -151,6 +151,26 @@ def test_rank_files_of_the_earlier_format_still_resume_exactly(tmp_path, referen
     assert metrics(run) == metrics(reference)
 
 
+def test_a_checkpoint_from_another_kind_of_device_resumes_with_a_warning(tmp_path, reference,
+                                                                         capsys):
+    """A CUDA generator's state is 16 bytes, a CPU one's 5056: a checkpoint written on a GPU
+    resumed on the CPU (or the reverse) goes on, its augmentation generator reseeded."""
+    run = tmp_path / "R"
+    fit(run, max_steps=4, checkpoint_every=2, stop_after=2)
+    file = checkpoint.rank_file(latest(run), 0)
+    state = checkpoint.load_rank(latest(run), 0)
+    assert state["augment_rng"].numel() == 5056  # the CPU generator's
+    state["augment_rng"] = torch.arange(16, dtype=torch.uint8)  # as a CUDA generator's
+    torch.save(state, file)
+    fit(run, max_steps=4, checkpoint_every=2, resume="auto")
+    err = capsys.readouterr().err
+    assert "augmentation generator state (16 bytes) is not a cpu generator's" in err
+    assert "Reseeded from the step" in err
+    rows, ref = metrics(run), metrics(reference)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[:2] == ref[:2] and rows[2] != ref[2]  # continued, but not bit-for-bit
+
+
 # ----------------------------------------------------------------------------- damaged state
 
 
