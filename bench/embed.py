@@ -33,9 +33,9 @@ import timm  # noqa: E402
 from midnight_prep.samples import cmu_small_region  # noqa: E402
 from midnight_prep.shards import iter_tiles  # noqa: E402
 from midnight_prep.versions import pil_flavour  # noqa: E402
-from midnight_train.crops import decode_tile  # noqa: E402
-from midnight_train.embed import Embedder, to_tensor  # noqa: E402
-from midnight_train.export import save_model_folder  # noqa: E402
+from midnight_train.data.crops import decode_tile  # noqa: E402
+from midnight_train.outputs.embed import Embedder, to_tensor  # noqa: E402
+from midnight_train.outputs.export import save_model_folder  # noqa: E402
 
 # name: (timm architecture, its size); "tiny" is the demo's model, where per-tile overhead counts
 MODELS = {"tiny": ("vit_small_patch14_dinov2", dict(embed_dim=64, depth=2, num_heads=2)),

@@ -48,8 +48,8 @@ TINY = ["model.timm_kwargs={embed_dim: 64, depth: 2, num_heads: 2}", "model.img_
 # What the checks import, tried first in ~5 s (a missing wheel is one line, not five tracebacks).
 PREFLIGHT_MODULES = ("torch", "timm", "accelerate", "safetensors", "yaml", "click", "tqdm",
                      "sklearn", "PIL", "numpy", "fsspec", "braceexpand", "midnight_train.config",
-                     "midnight_train.data", "midnight_train.augment", "midnight_train.trainer",
-                     "midnight_train.export", "midnight_train.cli")
+                     "midnight_train.data.loader", "midnight_train.method.augment", "midnight_train.loop.trainer",
+                     "midnight_train.outputs.export", "midnight_train.cli")
 
 
 def preflight_phase(args) -> None:
@@ -143,10 +143,10 @@ def augment_phase(args) -> dict:
     """ColorAugment crops/s on real uint8 crops (the loader's own batches) at batch 12 and 64."""
     import torch
 
-    from midnight_train.augment import AugmentConfig, ColorAugment
     from midnight_train.config import load_config
-    from midnight_train.data import make_loader
-    from midnight_train.trainer import to_device
+    from midnight_train.data.loader import make_loader
+    from midnight_train.loop.trainer import to_device
+    from midnight_train.method.augment import AugmentConfig, ColorAugment
 
     device = torch.device("cpu" if args.cpu else "cuda")
     sizes = [2] if args.cpu else [12, 64]

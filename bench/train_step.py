@@ -54,8 +54,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from midnight_train.config import Config, LossConfig, TrainConfig  # noqa: E402
-from midnight_train.models import Backbone, ModelConfig, create_vit  # noqa: E402
-from midnight_train.trainer import LOSS_TERMS  # noqa: E402
+from midnight_train.loop.trainer import LOSS_TERMS  # noqa: E402
+from midnight_train.method.models import Backbone, ModelConfig, create_vit  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s; the first matching name wins.
 BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
@@ -174,7 +174,7 @@ def build_config(args, gpu: bool, data: BenchData) -> Config:
 
 def setup_train_step(args, gpu: bool):
     """The real trainer; returns (one step, FLOPs of one step's model work)."""
-    from midnight_train.trainer import Trainer
+    from midnight_train.loop.trainer import Trainer
 
     data = BenchData(batch_size=args.batch, global_crop_size=args.global_size,
                      local_crop_size=args.local_size, n_local_crops=args.n_local)

@@ -91,7 +91,7 @@ def inspect(args: tuple[str, ...], config_path: str | None, n_samples: int, coun
     import json
 
     from midnight_train.config import ConfigError, load_config
-    from midnight_train.preview import format_inspection, inspect_slides, inspect_source
+    from midnight_train.data.preview import format_inspection, inspect_slides, inspect_source
 
     source, overrides = _source_and_overrides(args, config_path)
     if (source is None) == (config_path is None):
@@ -146,7 +146,7 @@ def preview(args: tuple[str, ...], config_path: str | None, out_path: str, sampl
       midnight-train data preview --config examples/tiny-cpu.yaml data.slides=slides/
     """
     from midnight_train.config import ConfigError, load_config
-    from midnight_train.preview import render_preview
+    from midnight_train.data.preview import render_preview
 
     try:
         source, overrides = _source_and_overrides(args, config_path)
@@ -199,11 +199,11 @@ def fit(config_path: str, overrides: tuple[str, ...], debug: bool) -> None:
                      checkpoint's config, and the refusal lists the differences
     """
     from midnight_prep.storage import StorageError
-    from midnight_train.checkpoint import CheckpointError
     from midnight_train.config import ConfigError, load_config
-    from midnight_train.data import DataError
-    from midnight_train.trainer import Preempted, RunError
-    from midnight_train.trainer import fit as train
+    from midnight_train.data.loader import DataError
+    from midnight_train.loop.checkpoint import CheckpointError
+    from midnight_train.loop.trainer import Preempted, RunError
+    from midnight_train.loop.trainer import fit as train
 
     try:
         cfg = load_config(config_path, overrides)
@@ -250,8 +250,8 @@ def export(checkpoint: str, out: str, which: str, img_size: int | None, debug: b
       midnight-train export runs/midnight-highres exports/midnight-392 --img-size 392
       python -c 'import timm; timm.create_model("local-dir:exports/tiny", pretrained=True)'
     """
-    from midnight_train.checkpoint import CheckpointError
-    from midnight_train.export import export_backbone, read_metadata
+    from midnight_train.loop.checkpoint import CheckpointError
+    from midnight_train.outputs.export import export_backbone, read_metadata
 
     skipped: list[str] = []
     try:
@@ -298,7 +298,7 @@ def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | 
       midnight-train embed exports/tiny slides/*.svs --mpp 1,0.5 --tiles-per-slide 50 --out s.parquet
     """
     from midnight_prep.plan import BuildParams, PlanError
-    from midnight_train.embed import SlideSampling, embed_inputs
+    from midnight_train.outputs.embed import SlideSampling, embed_inputs
 
     try:
         sampling = SlideSampling(tuple(float(m) for m in mpps.split(",")), tiles_per_slide,
@@ -358,8 +358,8 @@ def evaluate(weights: str, train_path: str, test_path: str, methods: str, k: int
     """
     import json
 
-    from midnight_train.evaluate import embed_labelled, format_results, load_labelled
-    from midnight_train.evaluate import evaluate as run_evaluation
+    from midnight_train.outputs.evaluate import embed_labelled, format_results, load_labelled
+    from midnight_train.outputs.evaluate import evaluate as run_evaluation
 
     try:
         sets = [load_labelled(train_path), load_labelled(test_path)]
@@ -370,7 +370,7 @@ def evaluate(weights: str, train_path: str, test_path: str, methods: str, k: int
 
     def embed(paths: list[str]):
         nonlocal embedder
-        from midnight_train.embed import Embedder
+        from midnight_train.outputs.embed import Embedder
 
         embedder = embedder or Embedder(weights, batch_size=batch_size, num_workers=workers)
         keys, x, _ = embedder(paths, skipped.append, progress=True)

@@ -15,7 +15,7 @@ from typing import Any
 import timm
 import yaml
 
-from midnight_train.models import ModelConfig
+from midnight_train.method.models import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -78,9 +78,9 @@ class Config:
     # holds an earlier run replaces it; a resumed run may change keys outside RESUME_MAY_CHANGE.
     overwrite: bool = False
     resume_allow_changes: bool = False
-    data: Any = None  # midnight_train.data.DataConfig
-    augment: Any = None  # midnight_train.augment.AugmentConfig
-    eval: Any = None  # midnight_train.periodic_eval.EvalConfig
+    data: Any = None  # midnight_train.data.loader.DataConfig
+    augment: Any = None  # midnight_train.method.augment.AugmentConfig
+    eval: Any = None  # midnight_train.outputs.periodic_eval.EvalConfig
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -164,9 +164,9 @@ def build_dataclass(cls: type, values: Any, where: str = "") -> Any:
 
 
 def build_config(raw: dict) -> Config:
-    from midnight_train.augment import AugmentConfig
-    from midnight_train.data import DataConfig
-    from midnight_train.periodic_eval import EvalConfig
+    from midnight_train.data.loader import DataConfig
+    from midnight_train.method.augment import AugmentConfig
+    from midnight_train.outputs.periodic_eval import EvalConfig
 
     raw = dict(raw)
     data, augment, evaluation = raw.pop("data", None), raw.pop("augment", None), raw.pop("eval", None)

@@ -74,7 +74,7 @@ def tiny_export(tmp_path_factory):
     """A tiny ViT trained one step on synthetic batches and exported (a model folder)."""
     from train_fakes import make_trainer, tiny_config
 
-    from midnight_train.export import export_backbone
+    from midnight_train.outputs.export import export_backbone
 
     tmp = tmp_path_factory.mktemp("tiny-export")
     make_trainer(tiny_config(tmp / "run", train={"max_steps": 1, "checkpoint_every": 1})).fit()

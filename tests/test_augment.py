@@ -13,8 +13,8 @@ import torchvision.transforms.functional as TF
 from skimage.color import rgb2hed
 from skimage.color.colorconv import hed_from_rgb, rgb_from_hed
 
-from midnight_train import augment
-from midnight_train.augment import AugmentConfig, ColorAugment, hed_jitter, sample_hed_params
+from midnight_train.method import augment
+from midnight_train.method.augment import AugmentConfig, ColorAugment, hed_jitter, sample_hed_params
 
 OFF = AugmentConfig(hed_p=0.0, jitter_p=0.0, grayscale_p=0.0, blur_p_global1=0.0, blur_p_global2=0.0,
                     blur_p_local=0.0, solarize_p_global2=0.0)

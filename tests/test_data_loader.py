@@ -11,8 +11,8 @@ import shardkit
 import torch
 
 from midnight_train.config import build_dataclass
-from midnight_train.data import DataConfig, make_loader
-from midnight_train.sources import assign_shards, list_shards
+from midnight_train.data.loader import DataConfig, make_loader
+from midnight_train.data.sources import assign_shards, list_shards
 
 SMALL = dict(global_crop_size=56, local_crop_size=28, n_local_crops=4, patch_size=14, timeout_s=60)
 
@@ -201,7 +201,7 @@ def test_crop_matches_pil_reference_for_every_flip_and_rotation():
     import numpy as np
     from PIL import Image
 
-    from midnight_train.crops import crop
+    from midnight_train.data.crops import crop
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
@@ -225,13 +225,13 @@ def test_warns_about_mixed_tile_sizes_and_a_dataset_smaller_than_a_batch(tmp_pat
     accepted, but said."""
     shardkit.make_shards(tmp_path / "shards", cmu_slide, n_shards=1, per_shard=3, tile_size=64, prefix="a")
     shardkit.make_shards(tmp_path / "shards", cmu_slide, n_shards=1, per_shard=3, tile_size=32, prefix="b")
-    with caplog.at_level("WARNING", logger="midnight_train.data"):
+    with caplog.at_level("WARNING", logger="midnight_train.data.loader"):
         take(make_loader(cfg(str(tmp_path / "shards"), num_workers=0), seed=0, rank=0, world_size=1), 2)
     assert "tiles of different sizes" in caplog.text and "fewer than one global batch" not in caplog.text
     paths = sorted((tmp_path / "shards").glob("*.tar"))
     shardkit.write_manifest(tmp_path, 0, paths[:1], [3])
     caplog.clear()
-    with caplog.at_level("WARNING", logger="midnight_train.data"):
+    with caplog.at_level("WARNING", logger="midnight_train.data.loader"):
         take(make_loader(cfg(str(tmp_path), num_workers=0), seed=0, rank=0, world_size=1), 1)
     assert "has 3 samples, fewer than one global batch (4 × 1 processes)" in caplog.text
     assert "tiles of different sizes" not in caplog.text

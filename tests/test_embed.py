@@ -49,7 +49,7 @@ def test_embed_with_nothing_readable_fails(tmp_path, tiny_export):
 
 
 def test_workers_and_batch_size_change_nothing_but_speed(tmp_path, cmu_slide, tiny_export):
-    from midnight_train.embed import embed_inputs
+    from midnight_train.outputs.embed import embed_inputs
 
     paths = shardkit.make_shards(tmp_path, cmu_slide, n_shards=3, per_shard=5, tile_size=40)
     inputs = [str(p) for p in paths]
@@ -71,7 +71,7 @@ def test_workers_and_batch_size_change_nothing_but_speed(tmp_path, cmu_slide, ti
 def test_parquet_has_one_row_per_tile_with_its_sample_fields(tmp_path, cmu_slide, tiny_export):
     import pyarrow.parquet as pq
 
-    from midnight_train.embed import embed_inputs
+    from midnight_train.outputs.embed import embed_inputs
 
     shard = shardkit.make_shards(tmp_path, cmu_slide, n_shards=1, per_shard=4, tile_size=40)[0]
     embed_inputs(tiny_export, [str(shard)], tmp_path / "e.npz")

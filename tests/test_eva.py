@@ -28,8 +28,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "eva"
 def midnight_export(tmp_path_factory):
     from train_fakes import make_trainer, tiny_config
 
-    from midnight_train.augment import AugmentConfig
-    from midnight_train.export import export_backbone
+    from midnight_train.method.augment import AugmentConfig
+    from midnight_train.outputs.export import export_backbone
 
     tmp = tmp_path_factory.mktemp("eva")
     cfg = tiny_config(tmp / "run", train={"max_steps": 1, "checkpoint_every": 1})
@@ -44,13 +44,13 @@ def test_eva_parses_our_config(midnight_export, tmp_path):
     task = "pcam_10shot"
     env = {**os.environ, "MIDNIGHT_EXPORT": str(midnight_export), "HF_HUB_OFFLINE": "1",
            "IN_FEATURES": subprocess.check_output(
-               [sys.executable, "-m", "midnight_train.eva_backbone", str(midnight_export)], text=True).strip()}
+               [sys.executable, "-m", "midnight_train.outputs.eva_backbone", str(midnight_export)], text=True).strip()}
     assert env["IN_FEATURES"] == "64"
     done = subprocess.run([sys.executable, "-m", "eva", "predict_fit", "--config",
                            str(EXAMPLES / f"{task}.yaml"), "--print_config"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "path: midnight_train.eva_backbone.backbone" in done.stdout
+    assert "path: midnight_train.outputs.eva_backbone.backbone" in done.stdout
     assert f"export: {midnight_export}" in done.stdout and "- 0.5" in done.stdout
 
 
@@ -59,7 +59,7 @@ def test_eva_backbone_embeds_local_images_as_we_do(midnight_export, tmp_path, cm
     from eva.vision.data.transforms.common import ResizeAndCrop
     from torchvision import tv_tensors
 
-    from midnight_train.eva_backbone import backbone
+    from midnight_train.outputs.eva_backbone import backbone
 
     tiles = shardkit.tissue_tiles(cmu_slide, 4, size=28, seed=2)  # the export's input size
     paths = []

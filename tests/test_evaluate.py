@@ -11,7 +11,7 @@ import shardkit
 from click.testing import CliRunner
 
 from midnight_train.cli import main
-from midnight_train.evaluate import balanced_accuracy, evaluate, few_shot, knn_predict
+from midnight_train.outputs.evaluate import balanced_accuracy, evaluate, few_shot, knn_predict
 
 
 def blobs(n_per_class: int, dim: int = 16, spread: float = 0.3, seed: int = 0):

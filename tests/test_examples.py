@@ -23,9 +23,9 @@ def test_examples_normalise_like_midnight(path):
 def test_normalisation_travels_into_the_export_and_embed(tmp_path):
     from train_fakes import make_trainer, tiny_config
 
-    from midnight_train.augment import AugmentConfig
-    from midnight_train.embed import Embedder
-    from midnight_train.export import export_backbone, read_metadata
+    from midnight_train.method.augment import AugmentConfig
+    from midnight_train.outputs.embed import Embedder
+    from midnight_train.outputs.export import export_backbone, read_metadata
 
     assert list(AugmentConfig().mean) == [0.5] * 3  # the default too
     cfg = tiny_config(tmp_path / "run", train={"max_steps": 1, "checkpoint_every": 1})
@@ -40,7 +40,7 @@ def test_normalisation_travels_into_the_export_and_embed(tmp_path):
 
 
 def test_paper_models_train_from_slides_and_the_ablation_from_shards(tmp_path, cmu_slide):
-    from midnight_train.slide_source import tile_sampler
+    from midnight_train.data.slide_source import tile_sampler
 
     data = {p.stem: load_config(p).data for p in EXAMPLES}
     assert {name for name, d in data.items() if d.source_kind() == "slides"} == {

@@ -46,7 +46,7 @@ print(json.dumps({k: (list(v) if isinstance(v, tuple) else v) for k, v in config
 def test_plain_timm_loads_the_folder_and_embeds_as_we_do(tmp_path, cmu_slide, img_size):
     from train_fakes import make_trainer, tiny_config
 
-    from midnight_train.augment import AugmentConfig
+    from midnight_train.method.augment import AugmentConfig
 
     cfg = tiny_config(tmp_path / "run", train={"max_steps": 1, "checkpoint_every": 1})
     cfg.augment = AugmentConfig()  # Midnight's normalisation, 0.5 / 0.5

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from midnight_train.cli import main
-from midnight_train.export import read_metadata
+from midnight_train.outputs.export import read_metadata
 
 TINY = "examples/tiny-cpu.yaml"
 

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from midnight_train.losses import (
+from midnight_train.method.losses import (
     TeacherTargets,
     dino_loss,
     ibot_loss,

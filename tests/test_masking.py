@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from midnight_train.masking import batch_masks, block_mask
+from midnight_train.data.masking import batch_masks, block_mask
 
 
 def test_batch_masks_ratio_bounds_and_spread():

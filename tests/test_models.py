@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 
-from midnight_train.models import Backbone, DINOHead, ModelConfig, SSLNetwork, create_vit
+from midnight_train.method.models import Backbone, DINOHead, ModelConfig, SSLNetwork, create_vit
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fakes import make_trainer, tiny_config  # noqa: E402
@@ -109,8 +109,8 @@ def test_grad_checkpointing_gives_same_gradients():
 
 
 def test_export_loads_in_plain_timm_and_embeds(tmp_path):
-    from midnight_train.embed import cls_mean_embedding, embed_inputs
-    from midnight_train.export import export_backbone, read_metadata
+    from midnight_train.outputs.embed import cls_mean_embedding, embed_inputs
+    from midnight_train.outputs.export import export_backbone, read_metadata
 
     trainer = make_trainer(tiny_config(tmp_path / "run", train={"max_steps": 2}))
     trainer.fit()

@@ -10,9 +10,9 @@ import shardkit
 import torch
 from train_fakes import make_trainer, tiny_config
 
-from midnight_train import checkpoint
-from midnight_train.periodic_eval import EvalConfig
-from midnight_train.trainer import TIMING_METRICS
+from midnight_train.loop import checkpoint
+from midnight_train.loop.trainer import TIMING_METRICS
+from midnight_train.outputs.periodic_eval import EvalConfig
 
 
 def read_metrics(out):

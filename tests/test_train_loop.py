@@ -13,9 +13,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fakes import FakeLoader, fake_augment, make_trainer, tiny_config  # noqa: E402
 
-from midnight_train import checkpoint  # noqa: E402
-from midnight_train.checkpoint import latest, list_checkpoints  # noqa: E402
-from midnight_train.trainer import TIMING_METRICS, LoaderWatch, NonFiniteLossError  # noqa: E402
+from midnight_train.loop import checkpoint  # noqa: E402
+from midnight_train.loop.checkpoint import latest, list_checkpoints  # noqa: E402
+from midnight_train.loop.trainer import TIMING_METRICS, LoaderWatch, NonFiniteLossError  # noqa: E402
 
 VOLATILE = set(TIMING_METRICS)
 
@@ -159,7 +159,7 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, monkeypatch):
     make_trainer(cfg).fit(stop_after=2)
     good = latest(tmp_path)
     mtime = (good / "model.pt").stat().st_mtime_ns
-    import midnight_train.ssl as ssl_mod
+    import midnight_train.method.ssl as ssl_mod
 
     monkeypatch.setattr(ssl_mod, "kde_loss", lambda z, *a, **k: z.sum() * float("nan"))
     cfg.resume = "auto"
@@ -180,8 +180,8 @@ def test_optimiser_and_ema_are_multi_tensor(tmp_path):
     assert not pairs.cast
     from dataclasses import replace
 
-    from midnight_train.models import SSLNetwork
-    from midnight_train.ssl import EMAPairs
+    from midnight_train.method.models import SSLNetwork
+    from midnight_train.method.ssl import EMAPairs
 
     other = SSLNetwork(replace(trainer.cfg.model, head_n_prototypes=7))
     with pytest.raises(RuntimeError, match="mismatch"):
@@ -194,7 +194,7 @@ def test_non_finite_loss_never_reaches_the_weights(tmp_path, monkeypatch):
     student = trainer.accelerator.unwrap_model(trainer.student)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
-    import midnight_train.ssl as ssl_mod
+    import midnight_train.method.ssl as ssl_mod
 
     monkeypatch.setattr(ssl_mod, "kde_loss", lambda z, *a, **k: z.sum() * float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"step 1: loss=nan"):
@@ -225,8 +225,8 @@ def test_loader_watch_warns_over_doubling_windows():
 
 
 def test_timing_metrics_and_a_starving_loader_is_reported(tmp_path, monkeypatch, capsys):
-    import midnight_train.trainer as trainer_module
-    from midnight_train.trainer import Trainer
+    import midnight_train.loop.trainer as trainer_module
+    from midnight_train.loop.trainer import Trainer
 
     monkeypatch.setattr(trainer_module, "STARVED_WINDOW", 2)
     cfg = tiny_config(tmp_path / "slow", train={"max_steps": 3, "checkpoint_every": 3})

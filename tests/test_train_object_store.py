@@ -13,7 +13,7 @@ import pytest
 import shardkit
 
 from midnight_prep.storage import StorageError
-from midnight_train.data import DataConfig, make_loader
+from midnight_train.data.loader import DataConfig, make_loader
 
 SMALL = dict(global_crop_size=28, local_crop_size=14, n_local_crops=2, patch_size=14,
              batch_size=4, num_workers=0, shuffle_buffer=10, shard_interleave=2)
@@ -64,12 +64,12 @@ def test_restart_mid_shard_keeps_the_exact_stream(s3_shards, s3_env):
                 s3_env.start()
 
     handler = RestartOnRetry(level=logging.WARNING)
-    logging.getLogger("midnight_train.records").addHandler(handler)
+    logging.getLogger("midnight_train.data.records").addHandler(handler)
     s3_env.kill()
     try:
         got += [next(it) for _ in range(4)]
     finally:
-        logging.getLogger("midnight_train.records").removeHandler(handler)
+        logging.getLogger("midnight_train.data.records").removeHandler(handler)
     assert retries and "from sample" in retries[0]  # the outage hit a read in flight
     assert all(same(a, b) for a, b in zip(got, want, strict=True))
 

@@ -18,11 +18,11 @@ from click.testing import CliRunner
 sys.path.insert(0, str(Path(__file__).parent))
 from train_fakes import make_trainer, tiny_config  # noqa: E402
 
-from midnight_train import checkpoint  # noqa: E402
-from midnight_train.checkpoint import CheckpointError, latest, list_checkpoints  # noqa: E402
 from midnight_train.cli import main  # noqa: E402
-from midnight_train.export import export_backbone  # noqa: E402
-from midnight_train.trainer import TIMING_METRICS, RunError  # noqa: E402
+from midnight_train.loop import checkpoint  # noqa: E402
+from midnight_train.loop.checkpoint import CheckpointError, latest, list_checkpoints  # noqa: E402
+from midnight_train.loop.trainer import TIMING_METRICS, RunError  # noqa: E402
+from midnight_train.outputs.export import export_backbone  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_YAML = str(ROOT / "examples" / "tiny-cpu.yaml")
@@ -234,13 +234,13 @@ def test_export_takes_the_newest_readable_checkpoint_and_says_so(tmp_path, refer
     result = CliRunner().invoke(main, ["export", str(run), str(out)])
     assert result.exit_code == 0, result.output
     assert "skipped damaged checkpoint" in result.output and "step_00000002" in result.output
-    from midnight_train.export import read_metadata
+    from midnight_train.outputs.export import read_metadata
 
     assert read_metadata(out)["step"] == "1"
 
 
 def test_export_does_not_import_the_training_stack():
-    code = "import sys, midnight_train.export; print('accelerate' in sys.modules)"
+    code = "import sys, midnight_train.outputs.export; print('accelerate' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True)
     assert done.stdout.strip() == "False"
@@ -286,7 +286,7 @@ def test_a_loader_workers_error_is_one_line_and_fit_exits(tmp_path, cmu_slide):
     in one line (not torch's re-raised worker traceback) and exits; the workers, which block
     SIGTERM for preemption, must not keep the process alive (this hung before)."""
     tiny = str(Path(__file__).resolve().parents[1] / "examples" / "tiny-cpu.yaml")
-    for workers, said in ((1, "a data loader worker failed: midnight_train.data.DataError: "),
+    for workers, said in ((1, "a data loader worker failed: midnight_train.data.loader.DataError: "),
                           (0, "Error: ")):
         done = subprocess.run(
             [sys.executable, "-m", "midnight_train", "fit", tiny, f"data.slides={cmu_slide}",

@@ -20,11 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from shardkit import make_shards, read_tar  # noqa: E402
 
-from midnight_train import checkpoint  # noqa: E402
-from midnight_train.checkpoint import list_checkpoints  # noqa: E402
 from midnight_train.config import load_config  # noqa: E402
-from midnight_train.sources import shard_counts  # noqa: E402
-from midnight_train.trainer import PREEMPTED_EXIT, TIMING_METRICS, Trainer  # noqa: E402
+from midnight_train.data.sources import shard_counts  # noqa: E402
+from midnight_train.loop import checkpoint  # noqa: E402
+from midnight_train.loop.checkpoint import list_checkpoints  # noqa: E402
+from midnight_train.loop.trainer import PREEMPTED_EXIT, TIMING_METRICS, Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny-cpu.yaml"
@@ -135,8 +135,8 @@ RECORDING_FIT = textwrap.dedent("""
     # keys of every batch it trains on.
     import json, os, sys
     from midnight_train.config import load_config
-    from midnight_train.data import make_loader
-    from midnight_train.trainer import Preempted, Trainer
+    from midnight_train.data.loader import make_loader
+    from midnight_train.loop.trainer import Preempted, Trainer
 
     out = sys.argv[1]
     rank = int(os.environ["RANK"])
@@ -221,7 +221,7 @@ FSDP_RUNS = textwrap.dedent("""
     # Both processes of a 2-process launch train several tiny runs one after another.
     import sys
     from train_fakes import make_trainer, tiny_config
-    from midnight_train.periodic_eval import EvalConfig
+    from midnight_train.outputs.periodic_eval import EvalConfig
 
     out, labelled = sys.argv[1], sys.argv[2]
 
@@ -307,7 +307,7 @@ def test_fsdp_on_two_processes_matches_ddp_resumes_exactly_and_exports(tmp_path,
         assert slots["exp_avg"].shape == whole["fsdp"]["optimizer"]["state"][index]["exp_avg"].shape
 
     # export reads the sharded checkpoint; a 1-process run continues it (whole tensors).
-    from midnight_train.export import export_backbone
+    from midnight_train.outputs.export import export_backbone
 
     folder = export_backbone(tmp_path / "fsdp", tmp_path / "export")
     from safetensors.torch import load_file

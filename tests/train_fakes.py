@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from midnight_train.config import Config, LossConfig, TrainConfig
-from midnight_train.models import ModelConfig
+from midnight_train.method.models import ModelConfig
 
 MEAN = torch.tensor([0.707, 0.578, 0.703]).view(1, 3, 1, 1)
 STD = torch.tensor([0.212, 0.230, 0.178]).view(1, 3, 1, 1)
@@ -89,6 +89,6 @@ def tiny_config(output_dir, *, train=None, loss=None, data=None, model=None) -> 
 
 
 def make_trainer(cfg):
-    from midnight_train.trainer import Trainer
+    from midnight_train.loop.trainer import Trainer
 
     return Trainer(cfg, make_loader=FakeLoader, augment=fake_augment)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from midnight_prep.plan import SLIDE_EXTENSIONS
 from midnight_prep.shards import read_shard
-from midnight_train.crops import decode_tile
+from midnight_train.data.crops import decode_tile
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff"}
 # Whole slides: every slide format but TIFF, which tile images use too (BACH's, say).
@@ -170,7 +170,7 @@ class Embedder:
 
     def __init__(self, weights: str | Path, *, img_size: int | None = None, batch_size: int = 64,
                  num_workers: int = 0, device: str | None = None, cls_only: bool = False) -> None:
-        from midnight_train.export import load_exported, read_metadata
+        from midnight_train.outputs.export import load_exported, read_metadata
 
         meta = read_metadata(weights)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from midnight_train.crops import decode_tile
-from midnight_train.embed import cls_mean_embedding, iter_encoded
-from midnight_train.evaluate import METHODS, evaluate, load_labelled
+from midnight_train.data.crops import decode_tile
+from midnight_train.outputs.embed import cls_mean_embedding, iter_encoded
+from midnight_train.outputs.evaluate import METHODS, evaluate, load_labelled
 
 
 @dataclass

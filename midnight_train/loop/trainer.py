@@ -4,7 +4,7 @@ Per optimiser step: ``grad_accum`` micro-batches (each: batch to device -> batch
 augmentation -> teacher forward -> student forward -> losses -> backward), gradient clipping,
 AdamW step, EMA teacher update, metrics. Schedules are indexed by the optimiser step.
 
-Checkpoints (``midnight_train.checkpoint``): ``OUTPUT/checkpoints/step_XXXXXXXX/``, written
+Checkpoints (``midnight_train.loop.checkpoint``): ``OUTPUT/checkpoints/step_XXXXXXXX/``, written
 atomically, read without unpickling code. A run never mixes with another: a fresh run refuses an
 output directory that is not empty (``overwrite=true`` replaces the earlier run); ``resume=auto``
 continues from the newest readable checkpoint (damaged ones are skipped and named) and refuses
@@ -50,11 +50,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, gather_object
 
-from midnight_train import checkpoint
-from midnight_train.checkpoint import CHECKPOINT_DIR, CheckpointError, list_checkpoints
 from midnight_train.config import RESUME_MAY_CHANGE, Config, config_changes, run_config, save_config
-from midnight_train.schedules import Schedules, scaled_lr
-from midnight_train.ssl import (
+from midnight_train.loop import checkpoint
+from midnight_train.loop.checkpoint import CHECKPOINT_DIR, CheckpointError, list_checkpoints
+from midnight_train.method.schedules import Schedules, scaled_lr
+from midnight_train.method.ssl import (
     DTensor,
     EMAPairs,
     SSLObjective,
@@ -351,7 +351,7 @@ class LoaderWatch:
 
 class Trainer:
     """``Trainer(cfg).fit()``. ``make_loader``/``augment`` default to the data pipeline's
-    ``midnight_train.data.make_loader`` and ``midnight_train.augment.ColorAugment`` (tests and
+    ``midnight_train.data.loader.make_loader`` and ``midnight_train.method.augment.ColorAugment`` (tests and
     benchmarks may inject others with the same contract)."""
 
     def __init__(self, cfg: Config, *, make_loader: Callable | None = None,
@@ -387,17 +387,17 @@ class Trainer:
             freeze_last_layer_steps=tc.freeze_last_layer_steps)
 
         if make_loader is None:
-            from midnight_train.data import make_loader
+            from midnight_train.data.loader import make_loader
         if augment is None:
-            from midnight_train.augment import ColorAugment
+            from midnight_train.method.augment import ColorAugment
 
             augment = ColorAugment(cfg.augment)
         self._make_loader, self.augment = make_loader, augment
         self.periodic_eval = None
         # Sharded, the teacher's forward needs every process: all of them evaluate.
         if cfg.eval is not None and cfg.eval.every and (self.is_main or self.fsdp):
-            from midnight_train.augment import AugmentConfig
-            from midnight_train.periodic_eval import PeriodicEval
+            from midnight_train.method.augment import AugmentConfig
+            from midnight_train.outputs.periodic_eval import PeriodicEval
 
             aug = cfg.augment or AugmentConfig()
             self.periodic_eval = PeriodicEval(cfg.eval, cfg.model.img_size,

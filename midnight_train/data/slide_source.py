@@ -70,8 +70,8 @@ from midnight_prep.shards import is_local, safe_slide_id, sample_key
 from midnight_prep.slides import Slide, SlideError
 from midnight_prep.staging import SlideCache, Staged, StagingError
 from midnight_prep.tissue import ForegroundMap
-from midnight_train.crops import CropBatch, draw_geometry
-from midnight_train.data import DataConfig, DataError, StreamDataset, ibot_masks
+from midnight_train.data.crops import CropBatch, draw_geometry
+from midnight_train.data.loader import DataConfig, DataError, StreamDataset, ibot_masks
 
 log = logging.getLogger(__name__)
 

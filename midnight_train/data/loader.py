@@ -11,7 +11,7 @@ Contract (what the trainer relies on)
   `masks` bool [2·B, (G // patch_size)²] in crop-major order (all samples' crop 0, then all
   samples' crop 1), i.e. row i belongs to `global_crops.flatten(0, 1)[i]`, and `keys` list[str].
   Colour/HED augmentation and normalisation happen later, batched on the model's device
-  (`midnight_train.augment.ColorAugment`); the CPU workers only decode and do geometry.
+  (`midnight_train.method.augment.ColorAugment`); the CPU workers only decode and do geometry.
 - `state_dict()` is a JSON-serialisable position after the batches handed out so far;
   `make_loader(..., state=that)` continues with exactly the batches an uninterrupted run would
   have produced next (same seed, rank, world size and num_workers; otherwise the loader warns
@@ -27,11 +27,11 @@ Sources
 -------
 `DataConfig.shards` (one dataset) or `DataConfig.datasets` (a list of
 `{"shards": ..., "weight": 1.0, "group": None, "name": None}` mixed with probabilities
-proportional to `weight`); each is a shard source as `midnight_train.sources` reads it. `group`
+proportional to `weight`); each is a shard source as `midnight_train.data.sources` reads it. `group`
 keeps only samples whose JSON `group` field equals it (e.g. two datasets from one shard set).
 
 `DataConfig.slides` (or datasets with `slides` instead of `shards`; the two kinds are not mixed
-in one run) trains from whole-slide images by online patching: `midnight_train.slide_source`,
+in one run) trains from whole-slide images by online patching: `midnight_train.data.slide_source`,
 with the tile parameters `tiles` (midnight-prep's), `slide_pool`, `draws_per_slide` and
 `mask_cache_dir`. Its streams follow the same contract (batches, positions, worker rotation)
 with every draw seeded by its index; its module docstring says how. The rest of this docstring
@@ -52,7 +52,7 @@ resuming re-reads at most one block of raw records (no decoding) and continues b
 Workers produce whole batches; the DataLoader hands them out round-robin, so the loader records
 which logical worker must deliver next and rotates worker ids on resume.
 
-Robustness: damaged shards and samples are skipped and counted (`midnight_train.records`), and
+Robustness: damaged shards and samples are skipped and counted (`midnight_train.data.records`), and
 so is an undecodable or truncated JPEG (`decode_error`). A stream that finds no readable sample
 in two passes over its shards raises a clear error instead of spinning; the DataLoader
 `timeout_s` turns a stalled read into an error.
@@ -71,10 +71,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from midnight_prep.plan import BuildParams, PlanError
-from midnight_train.crops import CropBatch, decode_tile, draw_geometry
-from midnight_train.masking import batch_masks
-from midnight_train.records import REASONS, SkipCounts, shard_records
-from midnight_train.sources import assign_shards, check_reachable, shard_counts
+from midnight_train.data.crops import CropBatch, decode_tile, draw_geometry
+from midnight_train.data.masking import batch_masks
+from midnight_train.data.records import REASONS, SkipCounts, shard_records
+from midnight_train.data.sources import assign_shards, check_reachable, shard_counts
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class DataConfig:
     """The `data:` section of the training config (plain YAML types; lists work for pairs)."""
 
     shards: str | list[str] | None = None
-    # online patching (midnight_train.slide_source): slides, directories or CSV slide lists,
+    # online patching (midnight_train.data.slide_source): slides, directories or CSV slide lists,
     # exactly the inputs midnight-prep accepts
     slides: str | list[str] | None = None
     datasets: list[dict[str, Any]] | None = None
@@ -433,7 +433,7 @@ class Loader:
         self.stream_seed = stream_seed
         self.positions = positions
         if self.source == "slides":
-            from midnight_train.slide_source import SlideStreamDataset
+            from midnight_train.data.slide_source import SlideStreamDataset
 
             self.dataset: StreamDataset = SlideStreamDataset(cfg, seed=stream_seed, rank=rank,
                                                              world_size=world_size)

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from midnight_train.augment import AugmentConfig, ColorAugment
-from midnight_train.crops import CropBatch, decode_tile, draw_geometry
-from midnight_train.data import DataConfig
-from midnight_train.records import SkipCounts, shard_records
-from midnight_train.sources import list_shards, manifest_counts
+from midnight_train.data.crops import CropBatch, decode_tile, draw_geometry
+from midnight_train.data.loader import DataConfig
+from midnight_train.data.records import SkipCounts, shard_records
+from midnight_train.data.sources import list_shards, manifest_counts
+from midnight_train.method.augment import AugmentConfig, ColorAugment
 
 PAD = 4
 
@@ -125,7 +125,12 @@ def inspect_slides(data_cfg: DataConfig, *, n_draws: int = 200, seed: int = 0) -
     slide pool): per µm/px and per slide the candidates proposed, accepted and rejected by
     reason, the µm/px a seen slide cannot give, the slides dropped and why, and the tile sizes."""
     from midnight_prep.job import tile_target
-    from midnight_train.slide_source import open_slide, slide_cache, slide_datasets, tile_sampler
+    from midnight_train.data.slide_source import (
+        open_slide,
+        slide_cache,
+        slide_datasets,
+        tile_sampler,
+    )
 
     params = data_cfg.tile_params()
     datasets = slide_datasets(data_cfg)
@@ -233,7 +238,7 @@ def preview_batch(data_cfg: DataConfig, aug_cfg: AugmentConfig, *, n_samples: in
     geometry = draw_geometry(np.random.default_rng(seed), n_samples, data_cfg)
     originals: list[np.ndarray] = []
     if data_cfg.source_kind() == "slides":
-        from midnight_train.slide_source import tile_sampler
+        from midnight_train.data.slide_source import tile_sampler
 
         # The training stream's own draws (stream 0 of 1 with this seed), as SlideStream adds them.
         with tile_sampler(data_cfg, seed=seed) as sampler:

@@ -18,7 +18,7 @@ except ImportError:  # torch < 2.4: no FSDP2 either
     DTensor = ()  # type: ignore[assignment,misc]
 
 from midnight_train.config import LossConfig
-from midnight_train.losses import (
+from midnight_train.method.losses import (
     TeacherTargets,
     dino_loss,
     ibot_loss,
@@ -27,7 +27,7 @@ from midnight_train.losses import (
     koleo_loss,
     mean_pairwise_cosine,
 )
-from midnight_train.models import ModelConfig, SSLNetwork
+from midnight_train.method.models import ModelConfig, SSLNetwork
 
 
 def build_student_teacher(cfg: ModelConfig) -> tuple[SSLNetwork, SSLNetwork]:

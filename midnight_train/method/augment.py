@@ -1,6 +1,6 @@
 """Batched colour augmentation on the model's device: HED stain jitter + DINOv2's colour chain.
 
-`ColorAugment(cfg)(batch, generator)` takes a loader batch (`midnight_train.data`) already moved
+`ColorAugment(cfg)(batch, generator)` takes a loader batch (`midnight_train.data.loader`) already moved
 to the device and returns it with `global_crops` as float [2·B, 3, G, G] (crop-major, matching
 `masks`) and `local_crops` as float [n_local·B, 3, L, L], both normalised. Every crop gets its own
 parameters, in this order (DINOv2's chain with HED in front, as a stain change happens before

@@ -1,6 +1,6 @@
 """A backbone for kaiko's eva benchmarks (the suite the Midnight paper reports): an exported
 model folder whose forward gives the CLS+Mean embedding. eva builds it from its YAML with
-`class_path: eva.core.models.ModelFromFunction` and `path: midnight_train.eva_backbone.backbone`
+`class_path: eva.core.models.ModelFromFunction` and `path: midnight_train.outputs.eva_backbone.backbone`
 (see examples/eva/)."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from midnight_train.embed import cls_mean_embedding
-from midnight_train.export import load_exported
+from midnight_train.outputs.embed import cls_mean_embedding
+from midnight_train.outputs.export import load_exported
 
 
 class ClsMean(nn.Module):
@@ -35,7 +35,7 @@ def embedding_size(export: str, cls_only: bool = False) -> int:
     return vit.num_features * (1 if cls_only else 2)
 
 
-if __name__ == "__main__":  # IN_FEATURES=$(python -m midnight_train.eva_backbone EXPORT)
+if __name__ == "__main__":  # IN_FEATURES=$(python -m midnight_train.outputs.eva_backbone EXPORT)
     import sys
 
     print(embedding_size(sys.argv[1]))

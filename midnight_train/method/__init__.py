@@ -1,0 +1,1 @@
+"""The method: backbone and heads, student/teacher objective, losses, schedules, augmentation."""
