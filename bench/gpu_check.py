@@ -145,7 +145,7 @@ def augment_phase(args) -> dict:
 
     from midnight_train.config import load_config
     from midnight_train.data.loader import make_loader
-    from midnight_train.loop.trainer import to_device
+    from midnight_train.loop.step import to_device
     from midnight_train.method.augment import AugmentConfig, ColorAugment
 
     device = torch.device("cpu" if args.cpu else "cuda")

@@ -13,7 +13,7 @@ Measured side by side in one process, single-threaded (samples/s per core):
   ToTensor, Normalize) plus HED per crop with scikit-image (rgb2hed → jitter → hed2rgb);
 - HED alone: batched `hed_jitter` on [n, 3, 224, 224] (uint8 and float input; plain torch
   ops, no compilation) vs scikit-image per crop.
-With --source slides: online patching (`data.slides`, `midnight_train.data.slide_source`) next to the
+With --source slides: online patching (`data.slides`, `midnight_train.data.slide_stream`) next to the
 shard loader on shards the builder cut from the same slides, in one run, one core, the same
 crops: the real CMU slide (20x) and a TCGA-like synthetic 40x pyramid (bench/prep.py's). Per
 slide: shards; online from one slide (its set-up amortised away: the per-tile cost); online
@@ -57,7 +57,8 @@ import shardkit  # noqa: E402
 from midnight_prep.samples import cmu_small_region  # noqa: E402
 from midnight_prep.shards import iter_tiles  # noqa: E402
 from midnight_prep.versions import pil_flavour  # noqa: E402
-from midnight_train.data.loader import DataConfig, make_loader  # noqa: E402
+from midnight_train.data.config import DataConfig  # noqa: E402
+from midnight_train.data.loader import make_loader  # noqa: E402
 from midnight_train.method.augment import (  # noqa: E402
     AugmentConfig,
     ColorAugment,
@@ -291,7 +292,8 @@ def run_slides(args: argparse.Namespace, tmp: Path) -> None:
     from midnight_prep.job import run_job
     from midnight_prep.plan import BuildParams, make_plan
     from midnight_prep.slides import Slide
-    from midnight_train.data.slide_source import MaskStore, tile_sampler
+    from midnight_train.data.open_slides import MaskStore
+    from midnight_train.data.slide_stream import tile_sampler
 
     slides = {"CMU-1-Small-Region (real, 20x, 1 level)": cmu_small_region(),
               "synthetic 40x 16k x 12k (levels 1/4/16)": big_pyramid()}

@@ -53,9 +53,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from midnight_train.config import Config, LossConfig, TrainConfig  # noqa: E402
-from midnight_train.loop.trainer import LOSS_TERMS  # noqa: E402
+from midnight_train.config import Config, TrainConfig  # noqa: E402
+from midnight_train.loop.step import LOSS_TERMS  # noqa: E402
 from midnight_train.method.models import Backbone, ModelConfig, create_vit  # noqa: E402
+from midnight_train.method.objective import LossConfig  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s; the first matching name wins.
 BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
@@ -192,7 +193,7 @@ def setup_train_step(args, gpu: bool):
 
     flops = count_flops(model_work, device_batch, args.batch, student.backbone.vit)
     student.zero_grad(set_to_none=True)
-    return (lambda: trainer._train_step(batches)), flops
+    return (lambda: trainer.train_step(batches, 0, stop_requested=lambda: False, loader=trainer.loader).metrics), flops
 
 
 def setup_backbone_only(args, gpu: bool):

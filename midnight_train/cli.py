@@ -90,8 +90,9 @@ def inspect(args: tuple[str, ...], config_path: str | None, n_samples: int, coun
     """
     import json
 
-    from midnight_train.config import ConfigError, load_config
+    from midnight_train.config import load_config
     from midnight_train.data.preview import format_inspection, inspect_slides, inspect_source
+    from midnight_train.typed_yaml import ConfigError
 
     source, overrides = _source_and_overrides(args, config_path)
     if (source is None) == (config_path is None):
@@ -145,8 +146,9 @@ def preview(args: tuple[str, ...], config_path: str | None, out_path: str, sampl
       midnight-train data preview --config examples/midnight-12k.yaml --hed-only --samples 8
       midnight-train data preview --config examples/tiny-cpu.yaml data.slides=slides/
     """
-    from midnight_train.config import ConfigError, load_config
+    from midnight_train.config import load_config
     from midnight_train.data.preview import render_preview
+    from midnight_train.typed_yaml import ConfigError
 
     try:
         source, overrides = _source_and_overrides(args, config_path)
@@ -199,11 +201,13 @@ def fit(config_path: str, overrides: tuple[str, ...], debug: bool) -> None:
                      checkpoint's config, and the refusal lists the differences
     """
     from midnight_prep.storage import StorageError
-    from midnight_train.config import ConfigError, load_config
-    from midnight_train.data.loader import DataError
+    from midnight_train.config import load_config
+    from midnight_train.data.config import DataError
     from midnight_train.loop.checkpoint import CheckpointError
-    from midnight_train.loop.trainer import Preempted, RunError
+    from midnight_train.loop.errors import RunError
+    from midnight_train.loop.signals import Preempted
     from midnight_train.loop.trainer import fit as train
+    from midnight_train.typed_yaml import ConfigError
 
     try:
         cfg = load_config(config_path, overrides)

@@ -15,28 +15,12 @@ from typing import Any
 import timm
 import yaml
 
+from midnight_train.data.config import DataConfig
+from midnight_train.method.augment import AugmentConfig
 from midnight_train.method.models import ModelConfig
-
-
-class ConfigError(ValueError):
-    pass
-
-
-@dataclass
-class LossConfig:
-    dino_weight: float = 1.0
-    ibot_weight: float = 1.0
-    kde_weight: float = 0.0  # Midnight: KDE uniformity on the student CLS of each global crop
-    kde_kappa: float = 5.0
-    kde_gather: bool = True  # estimate the density over all ranks' embeddings
-    koleo_weight: float = 0.0  # DINOv2's KoLeo (0.1 there), for ablations
-    teacher_targets: str = "sinkhorn_knopp"  # or "centering"
-    sk_iterations: int = 3
-    center_momentum: float = 0.9
-    student_temp: float = 0.1
-    teacher_temp: float = 0.07
-    teacher_temp_start: float = 0.04
-    teacher_temp_warmup_steps: int = 0
+from midnight_train.method.objective import LossConfig
+from midnight_train.outputs.periodic_eval import EvalConfig
+from midnight_train.typed_yaml import ConfigError, build_dataclass, to_plain
 
 
 @dataclass
@@ -78,9 +62,10 @@ class Config:
     # holds an earlier run replaces it; a resumed run may change keys outside RESUME_MAY_CHANGE.
     overwrite: bool = False
     resume_allow_changes: bool = False
-    data: Any = None  # midnight_train.data.loader.DataConfig
-    augment: Any = None  # midnight_train.method.augment.AugmentConfig
-    eval: Any = None  # midnight_train.outputs.periodic_eval.EvalConfig
+    # built by build_config (each may be missing from a YAML file: data only from the command line)
+    data: DataConfig | None = None
+    augment: AugmentConfig | None = None
+    eval: EvalConfig | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -112,62 +97,7 @@ def apply_override(raw: dict, item: str) -> None:
     node[parts[-1]] = _parse_value(text)
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if value is None or hint is Any:
-        return value
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        for arg in args:
-            if arg is not type(None):
-                try:
-                    return _coerce(value, arg, where)
-                except ConfigError:
-                    continue
-        raise ConfigError(f"{where}: {value!r} does not fit {hint}")
-    if dataclasses.is_dataclass(hint):
-        return build_dataclass(hint, value, where)
-    if hint is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:
-            return float(value)  # PyYAML reads "1e-4" as a string
-        except ValueError as err:
-            raise ConfigError(f"{where}: {value!r} is not a number") from err
-    if hint is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if origin is tuple and isinstance(value, (list, tuple)):
-        return tuple(value)
-    if hint in (int, float, bool, str) and not isinstance(value, hint):
-        raise ConfigError(f"{where}: {value!r} is not {hint.__name__}")
-    return value
-
-
-def build_dataclass(cls: type, values: Any, where: str = "") -> Any:
-    """``cls(**values)`` with unknown keys reported as errors and values checked/coerced."""
-    if dataclasses.is_dataclass(values):
-        return values
-    if values is None:
-        values = {}
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
-                          f"known keys in {where or 'the top level'}: {', '.join(sorted(names))}")
-    try:
-        hints = typing.get_type_hints(cls)
-    except Exception:  # foreign dataclasses with unresolvable annotations: no coercion
-        hints = {}
-    kwargs = {k: _coerce(v, hints.get(k, Any), f"{where}.{k}" if where else k)
-              for k, v in values.items()}
-    return cls(**kwargs)
-
-
 def build_config(raw: dict) -> Config:
-    from midnight_train.data.loader import DataConfig
-    from midnight_train.method.augment import AugmentConfig
-    from midnight_train.outputs.periodic_eval import EvalConfig
-
     raw = dict(raw)
     data, augment, evaluation = raw.pop("data", None), raw.pop("augment", None), raw.pop("eval", None)
     cfg = build_dataclass(Config, raw)
@@ -231,19 +161,6 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
             for other in others:
                 raw["data"].pop(other, None)
     return build_config(raw)
-
-
-def to_plain(obj: Any) -> Any:
-    """Dataclasses/tuples -> dicts/lists that ``yaml.safe_dump`` and JSON accept."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {str(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def run_config(cfg: Config) -> dict[str, Any]:

@@ -10,9 +10,10 @@ import pytest
 import shardkit
 import torch
 
-from midnight_train.config import build_dataclass
-from midnight_train.data.loader import DataConfig, make_loader
+from midnight_train.data.config import DataConfig
+from midnight_train.data.loader import make_loader
 from midnight_train.data.sources import assign_shards, list_shards
+from midnight_train.typed_yaml import build_dataclass
 
 SMALL = dict(global_crop_size=56, local_crop_size=28, n_local_crops=4, patch_size=14, timeout_s=60)
 

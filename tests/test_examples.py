@@ -40,7 +40,7 @@ def test_normalisation_travels_into_the_export_and_embed(tmp_path):
 
 
 def test_paper_models_train_from_slides_and_the_ablation_from_shards(tmp_path, cmu_slide):
-    from midnight_train.data.slide_source import tile_sampler
+    from midnight_train.data.slide_stream import tile_sampler
 
     data = {p.stem: load_config(p).data for p in EXAMPLES}
     assert {name for name, d in data.items() if d.source_kind() == "slides"} == {

@@ -11,7 +11,7 @@ import torch
 from train_fakes import make_trainer, tiny_config
 
 from midnight_train.loop import checkpoint
-from midnight_train.loop.trainer import TIMING_METRICS
+from midnight_train.loop.step import TIMING_METRICS
 from midnight_train.outputs.periodic_eval import EvalConfig
 
 

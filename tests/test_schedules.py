@@ -8,7 +8,7 @@ import pytest
 
 from midnight_train.method.models import ModelConfig
 from midnight_train.method.schedules import Schedules, cosine, scaled_lr, warmup_cosine
-from midnight_train.method.ssl import build_student_teacher, param_groups
+from midnight_train.method.student_teacher import build_student_teacher, param_groups
 
 
 def test_warmup_cosine_and_scaling():

@@ -18,15 +18,12 @@ from midnight_prep import shards
 from midnight_prep.job import TileReader, encode_jpeg, run_job, tile_target
 from midnight_prep.plan import BuildParams, make_plan
 from midnight_prep.slides import Slide
-from midnight_train.config import ConfigError, load_config
-from midnight_train.data.loader import DataConfig, make_loader
-from midnight_train.data.slide_source import (
-    SlideDataset,
-    TileSampler,
-    read_tile,
-    slide_datasets,
-    tile_sampler,
-)
+from midnight_train.config import load_config
+from midnight_train.data.config import DataConfig
+from midnight_train.data.loader import make_loader
+from midnight_train.data.open_slides import SlideDataset, slide_datasets
+from midnight_train.data.slide_stream import TileSampler, read_tile, tile_sampler
+from midnight_train.typed_yaml import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(batch_size=4, global_crop_size=56, local_crop_size=28, n_local_crops=2, timeout_s=60)
@@ -214,7 +211,8 @@ def test_config_keys(slide_dir, tmp_path):
 
 
 def test_fit_from_slides_resumes_exactly(cmu_slide, tmp_path):
-    from midnight_train.loop.trainer import TIMING_METRICS, Trainer
+    from midnight_train.loop.step import TIMING_METRICS
+    from midnight_train.loop.trainer import Trainer
 
     def overrides(out):
         return [f"data.slides={cmu_slide}", "data.tiles.tile_size=128", "data.num_workers=1",
@@ -310,7 +308,7 @@ def test_tissue_weighted_pool_resumes_exactly_when_slides_drop_while_choosing(sl
         (bad / f"bad{n:03d}.tiff").write_bytes(junk)
     slides = [str(slide_dir / f) for f in ("generic40x.tiff", "aperio40x.svs", "scan20x.tiff")] + [str(bad)]
     c = cfg(slides, slide_pool=1, draws_per_slide=8, slide_weighting="tissue", tissue_mm2_cap=1.0)
-    logging.getLogger("midnight_train.data.slide_source").setLevel(logging.ERROR)  # 300 warnings
+    logging.getLogger("midnight_train.data.slide_stream").setLevel(logging.ERROR)  # 300 warnings
     try:
         for seed in (6, 7):  # 7 chose differently on resume before the fix
             with tile_sampler(c, seed=seed) as straight:
@@ -321,4 +319,4 @@ def test_tissue_weighted_pool_resumes_exactly_when_slides_drop_while_choosing(sl
             with tile_sampler(c, seed=seed, state=state) as resumed:
                 assert [resumed.draw().key for _ in range(4)] == keys[4:], seed
     finally:
-        logging.getLogger("midnight_train.data.slide_source").setLevel(logging.NOTSET)
+        logging.getLogger("midnight_train.data.slide_stream").setLevel(logging.NOTSET)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from midnight_train.config import ConfigError, load_config, save_config
+from midnight_train.config import load_config, save_config
+from midnight_train.typed_yaml import ConfigError
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
 

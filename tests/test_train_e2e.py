@@ -19,7 +19,8 @@ from shardkit import make_shards  # noqa: E402
 from midnight_train.config import load_config  # noqa: E402
 from midnight_train.loop import checkpoint  # noqa: E402
 from midnight_train.loop.checkpoint import list_checkpoints  # noqa: E402
-from midnight_train.loop.trainer import TIMING_METRICS, Trainer  # noqa: E402
+from midnight_train.loop.step import TIMING_METRICS  # noqa: E402
+from midnight_train.loop.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny-cpu.yaml"

@@ -15,7 +15,9 @@ from train_fakes import FakeLoader, fake_augment, make_trainer, tiny_config  # n
 
 from midnight_train.loop import checkpoint  # noqa: E402
 from midnight_train.loop.checkpoint import latest, list_checkpoints  # noqa: E402
-from midnight_train.loop.trainer import TIMING_METRICS, LoaderWatch, NonFiniteLossError  # noqa: E402
+from midnight_train.loop.errors import NonFiniteLossError  # noqa: E402
+from midnight_train.loop.step import TIMING_METRICS  # noqa: E402
+from midnight_train.loop.watch import LoaderWatch  # noqa: E402
 
 VOLATILE = set(TIMING_METRICS)
 
@@ -159,9 +161,9 @@ def test_non_finite_loss_stops_with_step_and_term(tmp_path, monkeypatch):
     make_trainer(cfg).fit(stop_after=2)
     good = latest(tmp_path)
     mtime = (good / "model.pt").stat().st_mtime_ns
-    import midnight_train.method.ssl as ssl_mod
+    import midnight_train.method.objective as objective_mod
 
-    monkeypatch.setattr(ssl_mod, "kde_loss", lambda z, *a, **k: z.sum() * float("nan"))
+    monkeypatch.setattr(objective_mod, "kde_loss", lambda z, *a, **k: z.sum() * float("nan"))
     cfg.resume = "auto"
     with pytest.raises(NonFiniteLossError, match=r"step 3: loss=nan, .*loss_kde=nan"):
         make_trainer(cfg).fit()
@@ -173,7 +175,7 @@ def test_optimiser_and_ema_are_multi_tensor(tmp_path):
     trainer = make_trainer(tiny_config(tmp_path, train={"max_steps": 1}))
     defaults = getattr(trainer.optimizer, "optimizer", trainer.optimizer).defaults
     assert defaults.get("fused") or defaults.get("foreach")  # no per-parameter Python loop
-    pairs = trainer._ema_pairs
+    pairs = trainer.train_step.ema_pairs
     student = trainer.accelerator.unwrap_model(trainer.student)
     assert [id(p) for p in pairs.student] == [id(p) for p in student.parameters()]
     assert [id(p) for p in pairs.teacher] == [id(p) for p in trainer.teacher.parameters()]
@@ -181,7 +183,7 @@ def test_optimiser_and_ema_are_multi_tensor(tmp_path):
     from dataclasses import replace
 
     from midnight_train.method.models import SSLNetwork
-    from midnight_train.method.ssl import EMAPairs
+    from midnight_train.method.student_teacher import EMAPairs
 
     other = SSLNetwork(replace(trainer.cfg.model, head_n_prototypes=7))
     with pytest.raises(RuntimeError, match="mismatch"):
@@ -194,9 +196,9 @@ def test_non_finite_loss_never_reaches_the_weights(tmp_path, monkeypatch):
     student = trainer.accelerator.unwrap_model(trainer.student)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
-    import midnight_train.method.ssl as ssl_mod
+    import midnight_train.method.objective as objective_mod
 
-    monkeypatch.setattr(ssl_mod, "kde_loss", lambda z, *a, **k: z.sum() * float("nan"))
+    monkeypatch.setattr(objective_mod, "kde_loss", lambda z, *a, **k: z.sum() * float("nan"))
     with pytest.raises(NonFiniteLossError, match=r"step 1: loss=nan"):
         trainer.fit()
     for k, v in student.state_dict().items():
@@ -225,10 +227,10 @@ def test_loader_watch_warns_over_doubling_windows():
 
 
 def test_timing_metrics_and_a_starving_loader_is_reported(tmp_path, monkeypatch, capsys):
-    import midnight_train.loop.trainer as trainer_module
+    import midnight_train.loop.watch as watch_module
     from midnight_train.loop.trainer import Trainer
 
-    monkeypatch.setattr(trainer_module, "STARVED_WINDOW", 2)
+    monkeypatch.setattr(watch_module, "STARVED_WINDOW", 2)
     cfg = tiny_config(tmp_path / "slow", train={"max_steps": 3, "checkpoint_every": 3})
     Trainer(cfg, make_loader=SlowLoader, augment=fake_augment).fit()
     warned = capsys.readouterr().err

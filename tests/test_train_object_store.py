@@ -13,7 +13,8 @@ import pytest
 import shardkit
 
 from midnight_prep.storage import StorageError
-from midnight_train.data.loader import DataConfig, make_loader
+from midnight_train.data.config import DataConfig
+from midnight_train.data.loader import make_loader
 
 SMALL = dict(global_crop_size=28, local_crop_size=14, n_local_crops=2, patch_size=14,
              batch_size=4, num_workers=0, shuffle_buffer=10, shard_interleave=2)

@@ -21,7 +21,8 @@ from train_fakes import make_trainer, tiny_config  # noqa: E402
 from midnight_train.cli import main  # noqa: E402
 from midnight_train.loop import checkpoint  # noqa: E402
 from midnight_train.loop.checkpoint import CheckpointError, latest, list_checkpoints  # noqa: E402
-from midnight_train.loop.trainer import TIMING_METRICS, RunError  # noqa: E402
+from midnight_train.loop.errors import RunError  # noqa: E402
+from midnight_train.loop.step import TIMING_METRICS  # noqa: E402
 from midnight_train.outputs.export import export_backbone  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,7 +287,7 @@ def test_a_loader_workers_error_is_one_line_and_fit_exits(tmp_path, cmu_slide):
     in one line (not torch's re-raised worker traceback) and exits; the workers, which block
     SIGTERM for preemption, must not keep the process alive (this hung before)."""
     tiny = str(Path(__file__).resolve().parents[1] / "examples" / "tiny-cpu.yaml")
-    for workers, said in ((1, "a data loader worker failed: midnight_train.data.loader.DataError: "),
+    for workers, said in ((1, "a data loader worker failed: midnight_train.data.config.DataError: "),
                           (0, "Error: ")):
         done = subprocess.run(
             [sys.executable, "-m", "midnight_train", "fit", tiny, f"data.slides={cmu_slide}",

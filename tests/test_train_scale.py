@@ -24,7 +24,9 @@ from midnight_train.config import load_config  # noqa: E402
 from midnight_train.data.sources import shard_counts  # noqa: E402
 from midnight_train.loop import checkpoint  # noqa: E402
 from midnight_train.loop.checkpoint import list_checkpoints  # noqa: E402
-from midnight_train.loop.trainer import PREEMPTED_EXIT, TIMING_METRICS, Trainer  # noqa: E402
+from midnight_train.loop.signals import PREEMPTED_EXIT  # noqa: E402
+from midnight_train.loop.step import TIMING_METRICS  # noqa: E402
+from midnight_train.loop.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny-cpu.yaml"
@@ -136,7 +138,8 @@ RECORDING_FIT = textwrap.dedent("""
     import json, os, sys
     from midnight_train.config import load_config
     from midnight_train.data.loader import make_loader
-    from midnight_train.loop.trainer import Preempted, Trainer
+    from midnight_train.loop.signals import Preempted
+    from midnight_train.loop.trainer import Trainer
 
     out = sys.argv[1]
     rank = int(os.environ["RANK"])

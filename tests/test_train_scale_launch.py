@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from train_fakes import make_trainer, tiny_config  # noqa: E402
 
 from midnight_train.loop import checkpoint  # noqa: E402
-from midnight_train.loop.trainer import RunError, resolve_fsdp, resolve_mixed_precision  # noqa: E402
+from midnight_train.loop.distributed import resolve_fsdp, resolve_mixed_precision  # noqa: E402
+from midnight_train.loop.errors import RunError  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

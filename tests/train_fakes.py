@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from midnight_train.config import Config, LossConfig, TrainConfig
+from midnight_train.config import Config, TrainConfig
 from midnight_train.method.models import ModelConfig
+from midnight_train.method.objective import LossConfig
 
 MEAN = torch.tensor([0.707, 0.578, 0.703]).view(1, 3, 1, 1)
 STD = torch.tensor([0.212, 0.230, 0.178]).view(1, 3, 1, 1)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 if TYPE_CHECKING:
-    from midnight_train.data.loader import DataConfig
+    from midnight_train.data.config import DataConfig
 
 
 def random_resized_boxes(rng: np.random.Generator, shape: tuple[int, ...], scale: tuple[float, float],

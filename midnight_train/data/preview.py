@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from midnight_train.data.config import DataConfig
 from midnight_train.data.crops import CropBatch, decode_tile, draw_geometry
-from midnight_train.data.loader import DataConfig
 from midnight_train.data.records import SkipCounts, shard_records
 from midnight_train.data.sources import list_shards, manifest_counts
 from midnight_train.method.augment import AugmentConfig, ColorAugment
@@ -121,16 +121,12 @@ def _rates(c: dict[str, int]) -> dict[str, Any]:
 
 def inspect_slides(data_cfg: DataConfig, *, n_draws: int = 200, seed: int = 0) -> dict[str, Any]:
     """A summary of a slide source (online patching, JSON-serialisable) from `n_draws` tiles
-    drawn by one training stream's sampler (`slide_source.tile_sampler`, with the config's
+    drawn by one training stream's sampler (`slide_stream.tile_sampler`, with the config's
     slide pool): per µm/px and per slide the candidates proposed, accepted and rejected by
     reason, the µm/px a seen slide cannot give, the slides dropped and why, and the tile sizes."""
     from midnight_prep.job import tile_target
-    from midnight_train.data.slide_source import (
-        open_slide,
-        slide_cache,
-        slide_datasets,
-        tile_sampler,
-    )
+    from midnight_train.data.open_slides import open_slide, slide_cache, slide_datasets
+    from midnight_train.data.slide_stream import tile_sampler
 
     params = data_cfg.tile_params()
     datasets = slide_datasets(data_cfg)
@@ -238,7 +234,7 @@ def preview_batch(data_cfg: DataConfig, aug_cfg: AugmentConfig, *, n_samples: in
     geometry = draw_geometry(np.random.default_rng(seed), n_samples, data_cfg)
     originals: list[np.ndarray] = []
     if data_cfg.source_kind() == "slides":
-        from midnight_train.data.slide_source import tile_sampler
+        from midnight_train.data.slide_stream import tile_sampler
 
         # The training stream's own draws (stream 0 of 1 with this seed), as SlideStream adds them.
         with tile_sampler(data_cfg, seed=seed) as sampler:

@@ -19,11 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.layers import resample_abs_pos_embed
 
-from midnight_train.config import build_dataclass
 from midnight_train.loop import checkpoint as ckpt_io
 from midnight_train.loop.checkpoint import CheckpointError
 from midnight_train.method.models import ModelConfig, export_timm_kwargs
 from midnight_train.outputs.model_card import model_card, timm_config
+from midnight_train.typed_yaml import build_dataclass
 
 PREFIX = "backbone.vit."
 

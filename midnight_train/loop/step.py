@@ -1,0 +1,141 @@
+"""One optimiser step, read top to bottom as the recipe:
+
+    batch -> augment -> forward -> losses -> backward -> clip -> step -> EMA -> log
+
+``grad_accum`` micro-batches (each: batch to the device, batched colour/HED augmentation,
+teacher and student forwards and the losses in ``SSLObjective``, backward), then gradient
+clipping, the AdamW step and the EMA teacher update; schedules are indexed by the optimiser step.
+The host waits for the device once per step: one copy of the reduced losses after the last
+backward (the non-finite check, before the update, so a NaN never reaches the weights; the stop
+flag and the time spent waiting for batches ride along), plus the metrics on logged steps."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+
+from midnight_train.config import TrainConfig
+from midnight_train.loop import checkpoint
+from midnight_train.loop.errors import NonFiniteLossError
+from midnight_train.loop.train_state import Networks
+from midnight_train.method.schedules import Schedules
+from midnight_train.method.student_teacher import DTensor, EMAPairs, apply_schedule, ema_update
+
+LOSS_TERMS = ("loss", "loss_dino", "loss_ibot", "loss_kde", "loss_koleo")
+# Wall-clock metrics: they differ between otherwise identical runs.
+TIMING_METRICS = ("samples_per_s", "step_s", "data_wait_s")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in batch.items()}
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, Any]  # empty on steps that are not logged
+    step_s: float
+    data_wait_s: float  # summed over micro-steps, mean over processes
+    stop_agreed: bool  # a stop signal reached some process: every process stops after this step
+
+
+class TrainStep:
+    """``TrainStep(...)(batches, step, ...)`` runs optimiser step ``step + 1``."""
+
+    def __init__(self, cfg: TrainConfig, acc, nets: Networks, schedules: Schedules, augment,
+                 generator: torch.Generator, *, fsdp: bool, global_batch: int,
+                 output_dir: Path):
+        self.cfg, self.acc, self.nets, self.schedules = cfg, acc, nets, schedules
+        self.augment, self.generator = augment, generator
+        self.fsdp, self.global_batch, self.output_dir = fsdp, global_batch, output_dir
+        # Built once: per-step EMA is one multi-tensor op, without re-pairing parameters by name.
+        self.ema_pairs = EMAPairs(nets.teacher, acc.unwrap_model(nets.student))
+
+    def __call__(self, batches, step: int, *, stop_requested, loader) -> StepResult:
+        cfg, acc, nets = self.cfg, self.acc, self.nets
+        values = self.schedules.at(step)
+        apply_schedule(nets.optimizer, values.lr, values.wd, values.last_layer_frozen)
+        nets.student.train()
+        start = time.perf_counter()
+        names: tuple[str, ...] = ()
+        n_losses = 0
+        summed: torch.Tensor | None = None
+        totals = torch.zeros(0)
+        grad_norm = torch.zeros((), device=acc.device)
+        for _ in range(cfg.grad_accum):
+            waiting = time.perf_counter()
+            raw = next(batches)                                                  # batch
+            waited = time.perf_counter() - waiting
+            batch = self.augment(to_device(raw, acc.device), self.generator)    # augment
+            with acc.accumulate(nets.student):
+                losses, monitors = nets.objective(nets.student, nets.teacher,   # forward, losses
+                                                  batch, values.teacher_temp, acc.autocast)
+                names, n_losses = tuple(losses) + tuple(monitors), len(losses)
+                # Reduced with the losses in the step's one collective: the seconds this process
+                # waited for the batch, and 1 where a stop signal arrived (so that every process
+                # stops after the same step).
+                extra = [torch.full((1,), waited, device=acc.device),
+                         torch.full((1,), float(stop_requested()), device=acc.device)]
+                local = torch.cat([torch.stack([v.detach().float() for v in
+                                                list(losses.values()) + list(monitors.values())]),
+                                   *extra])
+                reduced = acc.reduce(local, reduction="mean")  # one collective per micro-step
+                summed = reduced if summed is None else summed + reduced
+                if self.fsdp:  # reduce-scatter the gradients once, after the last micro-step
+                    nets.student.set_requires_gradient_sync(acc.sync_gradients)
+                acc.backward(losses["loss"])                                     # backward
+                if acc.sync_gradients:
+                    totals = summed.cpu()
+                    # Any non-finite micro-step makes the sum non-finite (nan/inf never cancel).
+                    self._check_finite(totals[:n_losses] / cfg.grad_accum, names[:n_losses], step)
+                    grad_norm = acc.clip_grad_norm_(                              # clip
+                        nets.student.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else math.inf)
+                    if isinstance(grad_norm, DTensor):  # sharded: the norm of all slices
+                        grad_norm = grad_norm.full_tensor()
+                nets.optimizer.step()                                            # step
+                nets.optimizer.zero_grad(set_to_none=True)
+        ema_update(nets.teacher, acc.unwrap_model(nets.student), values.teacher_momentum,  # EMA
+                   self.ema_pairs)
+        step += 1
+        step_s = time.perf_counter() - start
+        result = StepResult({}, step_s, float(totals[-2]), bool(totals[-1] > 0))
+        if step % cfg.log_every and step != cfg.max_steps:                      # log
+            return result
+        metrics: dict[str, Any] = {"step": step}
+        metrics.update({n: float(v) for n, v in
+                        zip(names, (totals[:-2] / cfg.grad_accum).tolist(), strict=True)})
+        metrics.update(lr=values.lr, wd=values.wd, teacher_momentum=values.teacher_momentum,
+                       teacher_temp=values.teacher_temp, grad_norm=float(grad_norm),
+                       samples_per_s=self.global_batch / max(step_s, 1e-9), step_s=step_s,
+                       data_wait_s=result.data_wait_s)
+        metrics.update(skip_counters(loader, acc.num_processes))
+        result.metrics = metrics
+        return result
+
+    def _check_finite(self, values: torch.Tensor, names: tuple[str, ...], step: int) -> None:
+        if bool(torch.isfinite(values).all()):
+            return
+        bad = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values.tolist(), strict=True)
+                        if not math.isfinite(v))
+        last = checkpoint.latest(self.output_dir)
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step + 1}: {bad}. Stopping without writing a "
+            f"checkpoint; the last good one is {last or 'none'}. Try a lower train.base_lr, "
+            f"a longer train.warmup_steps or mixed_precision=no.")
+
+
+def skip_counters(loader, world_size: int) -> dict[str, int]:
+    """The loader's skipped-sample counts by reason, summed over processes."""
+    counters = getattr(loader, "counters", None)
+    local = dict(counters()) if callable(counters) else {}
+    total: dict[str, int] = {}
+    for part in (gather_object([local]) if world_size > 1 else [local]):
+        for reason, n in part.items():
+            total[f"skipped_{reason}"] = total.get(f"skipped_{reason}", 0) + int(n)
+    return total
