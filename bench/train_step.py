@@ -54,6 +54,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from midnight_train.config import Config, TrainConfig  # noqa: E402
+from midnight_train.data.masking import masked_positions  # noqa: E402
 from midnight_train.loop.step import LOSS_TERMS  # noqa: E402
 from midnight_train.method.models import Backbone, ModelConfig, create_vit  # noqa: E402
 from midnight_train.method.objective import LossConfig  # noqa: E402
@@ -62,6 +63,13 @@ from midnight_train.method.objective import LossConfig  # noqa: E402
 BF16_PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0),
                     ("GH200", 989.0), ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0),
                     ("L4", 121.0), ("A10", 125.0)]
+
+
+def mask_fields(masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``masks`` with the masked positions the loader hands over beside them."""
+    indices, weights = masked_positions(masks.numpy())
+    return {"masks": masks, "mask_indices": torch.from_numpy(indices),
+            "mask_weights": torch.from_numpy(weights)}
 
 
 @dataclass
@@ -84,7 +92,7 @@ class SyntheticLoader:
         masks[::2] = False  # half of the images unmasked, as DINOv2
         self.batch = {"global_crops": torch.randn(2 * b, 3, gs, gs, generator=g),
                       "local_crops": torch.randn(cfg.n_local_crops * b, 3, ls, ls, generator=g),
-                      "masks": masks}
+                      **mask_fields(masks)}
 
     def __iter__(self):
         return self
@@ -130,7 +138,9 @@ def per_sample(batch: dict, b: int):
     sample j). Every model FLOP is per row, so the per-sample counts add up to the batch's."""
     n_local = batch["local_crops"].shape[0] // b
     for j in range(b):
-        yield {"global_crops": batch["global_crops"][j::b], "masks": batch["masks"][j::b],
+        fields = mask_fields(batch["masks"][j::b].cpu())
+        yield {"global_crops": batch["global_crops"][j::b],
+               **{k: v.to(batch["masks"].device) for k, v in fields.items()},
                "local_crops": batch["local_crops"][j::b] if n_local else batch["local_crops"][:0]}
 
 

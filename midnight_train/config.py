@@ -49,6 +49,12 @@ class TrainConfig:
     mixed_precision: str = "auto"
     # FSDP2: student and teacher sharded per ViT block (also `accelerate launch --use_fsdp`)
     fsdp: bool = False
+    # processes that share one sharded copy (0: one node's, so several nodes train with hybrid
+    # sharding: parameters gathered within a node only, gradients all-reduced across nodes)
+    fsdp_shard_size: int = 0
+    # the student's blocks stay gathered from forward to backward: 1 all-gather per block per
+    # micro-step instead of 4 (2 forwards, 2 backward gathers), for 2 bytes per parameter
+    fsdp_keep_gathered: bool = True
     cpu: bool = False  # force CPU even when a GPU is present
     tensorboard: bool = True
     progress: bool = True
@@ -118,6 +124,8 @@ def check_values(cfg: Config) -> None:
         ("train.checkpoint_every", t.checkpoint_every, t.checkpoint_every >= 1, ">= 1"),
         ("train.keep_checkpoints", t.keep_checkpoints, t.keep_checkpoints >= 1, ">= 1"),
         ("train.log_every", t.log_every, t.log_every >= 1, ">= 1"),
+        ("train.fsdp_shard_size", t.fsdp_shard_size, t.fsdp_shard_size >= 0,
+         ">= 0 (0: the processes of one node)"),
         ("train.base_lr", t.base_lr, t.base_lr > 0, "> 0"),
         ("train.min_lr", t.min_lr, t.min_lr >= 0, ">= 0"),
         ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, ">= 0"),
@@ -183,7 +191,7 @@ RESUME_MAY_CHANGE = (
     "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
     "train.tensorboard", "train.progress",
     # how the same model is laid out over the processes (sharded checkpoints load either way)
-    "train.fsdp",
+    "train.fsdp", "train.fsdp_shard_size", "train.fsdp_keep_gathered",
     "data.timeout_s", "data.read_retry_s", "data.prefetch_factor",
     "data.mask_cache_dir",  # where tissue masks are cached, never what they are
     "data.stage_dir", "data.stage_max_gb",  # where remote slides are staged

@@ -11,7 +11,6 @@ from midnight_train.method.losses import (
     TeacherTargets,
     dino_loss,
     ibot_loss,
-    ibot_mask_weights,
     kde_loss,
     koleo_loss,
     mean_pairwise_cosine,
@@ -102,8 +101,12 @@ def test_dino_loss_skips_same_view_and_averages_pairs():
 
 
 def test_ibot_weights_make_each_masked_image_count_once():
+    from midnight_train.data.masking import masked_positions
+
     masks = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    w = ibot_mask_weights(masks)
+    indices, w = masked_positions(masks.numpy())
+    assert indices.tolist() == torch.flatten(masks).nonzero().flatten().tolist() == [0, 1, 8]
+    w = torch.from_numpy(w)
     assert torch.allclose(w, torch.tensor([0.5, 0.5, 1.0]))
     k = 5
     teacher = F.one_hot(torch.tensor([0, 1, 2]), k).float()

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from timm.layers import resample_abs_pos_embed
 
+from midnight_train.data.masking import masked_positions
 from midnight_train.method.models import Backbone, DINOHead, ModelConfig, SSLNetwork, create_vit
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -73,6 +74,11 @@ def test_wrong_weights_are_an_error(tmp_path):
         create_vit(ModelConfig(img_size=56, timm_kwargs=TINY, pretrained=str(path)))
 
 
+def mask_index(masks: torch.Tensor) -> torch.Tensor:
+    """The flat indices the loader hands over with ``masks`` (data.masking.masked_positions)."""
+    return torch.from_numpy(masked_positions(masks.numpy())[0])
+
+
 def test_backbone_masking_and_heads():
     cfg = ModelConfig(img_size=28, timm_kwargs=TINY, drop_path_rate=0.2, layer_scale_init=1.0,
                       head_n_prototypes=16, head_hidden_dim=24, head_bottleneck_dim=8,
@@ -82,7 +88,7 @@ def test_backbone_masking_and_heads():
     masks = torch.zeros(4, 4, dtype=torch.bool)
     masks[0, :2] = True
     x = torch.randn(4, 3, 28, 28)
-    out = net(x, torch.randn(6, 3, 14, 14), masks)
+    out = net(x, torch.randn(6, 3, 14, 14), masks, mask_index(masks))
     assert out["dino_logits"].shape == (4, 16) and out["dino_local_logits"].shape == (6, 16)
     assert out["ibot_logits"].shape == (2, 12)
     unmasked = net.backbone(x)
@@ -153,12 +159,13 @@ def test_shared_head_single_call_matches_separate_calls():
     masks = torch.zeros(4, 4, dtype=torch.bool)
     masks[1, 1:] = True
     x, local = torch.randn(4, 3, 28, 28), torch.randn(6, 3, 14, 14)
-    out = net(x, local, masks)
+    out = net(x, local, masks, mask_index(masks))
     tokens = net.backbone(x, masks)
     cls = torch.cat([tokens[:, 0], net.backbone(local)[:, 0]])
     dino = net.dino_head(cls)
     assert torch.allclose(out["dino_logits"], dino[:4], atol=1e-6)
     assert torch.allclose(out["dino_local_logits"], dino[4:], atol=1e-6)
     assert torch.allclose(out["ibot_logits"], net.dino_head(tokens[:, 1:][masks]), atol=1e-6)
-    no_mask = net(x, None, torch.zeros_like(masks))  # no masked patch: empty iBOT rows
+    none = torch.zeros_like(masks)
+    no_mask = net(x, None, none, mask_index(none))  # no masked patch: empty iBOT rows
     assert no_mask["ibot_logits"].shape == (0, 16) and "dino_local_logits" not in no_mask

@@ -228,9 +228,9 @@ FSDP_RUNS = textwrap.dedent("""
 
     out, labelled = sys.argv[1], sys.argv[2]
 
-    def run(name, fsdp, *, stop_after=None, resume=None, evaluate=False):
+    def run(name, fsdp, *, stop_after=None, resume=None, evaluate=False, **train):
         cfg = tiny_config(f"{out}/{name}", train={"max_steps": 4, "checkpoint_every": 2,
-                                                  "fsdp": fsdp},
+                                                  "fsdp": fsdp, **train},
                           model={"grad_checkpointing": True})  # activations recomputed
         cfg.resume = resume
         if evaluate:
@@ -245,6 +245,8 @@ FSDP_RUNS = textwrap.dedent("""
     run("cut", True, stop_after=2)  # sharded, stopped after step 2 ...
     run("cut", True, resume="auto")  # ... and continued
     run("ddp", False)  # the same run, replicated
+    run("hybrid", True, fsdp_shard_size=1)  # hybrid: 2 groups of 1 process, whole copies
+    run("regathered", True, fsdp_keep_gathered=False)  # blocks gathered for every pass
     last = run("from_ddp", True, resume=f"{out}/ddp/checkpoints/step_00000002")  # whole -> slices
     last.close()
 """)
@@ -266,7 +268,18 @@ def labelled(tmp_path_factory, cmu_slide):
     return root
 
 
-def test_fsdp_on_two_processes_matches_ddp_resumes_exactly_and_exports(tmp_path, labelled):
+@pytest.fixture
+def process_group_cleanup():
+    """A single-process FSDP run makes a process group of one: gone again after the test."""
+    yield
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_fsdp_on_two_processes_matches_ddp_resumes_exactly_and_exports(tmp_path, labelled,
+                                                                       process_group_cleanup):
     """FSDP2 with gloo on the CPU: student and teacher sharded per block over 2 processes."""
     script = tmp_path / "fsdp_runs.py"
     script.write_text(FSDP_RUNS)
@@ -279,6 +292,8 @@ def test_fsdp_on_two_processes_matches_ddp_resumes_exactly_and_exports(tmp_path,
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     assert "FSDP (train.fsdp=true): student and teacher sharded over 2 process(es)" in done.stdout
+    assert ("student and teacher hybrid: sharded within groups of 1 process(es), replicated over "
+            "2 groups") in done.stdout
 
     def rows(name, *, evals=False):
         return [{k: v for k, v in r.items() if k not in VOLATILE and k.startswith("eval/") == evals
@@ -295,8 +310,14 @@ def test_fsdp_on_two_processes_matches_ddp_resumes_exactly_and_exports(tmp_path,
 
     # The same training as replicated data parallel; resumed exactly; evaluation all along.
     assert rows("fsdp") == rows("cut")
-    for a, b in zip(rows("fsdp"), rows("ddp"), strict=True):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    for other in ("ddp", "hybrid", "regathered"):
+        for a, b in zip(rows("fsdp"), rows(other), strict=True):
+            assert a == pytest.approx(b, rel=1e-5, abs=1e-6), other
+    # Hybrid: the first group's process writes the slices (here: whole tensors), once.
+    hybrid = list_checkpoints(tmp_path / "hybrid")[-1]
+    assert sorted(p.name for p in hybrid.iterdir()) == [
+        "model.pt", "rank_00000.pt", "rank_00001.pt", "shard_00000.pt"]
+    assert checkpoint.load(hybrid, join=False)["sharded"] == 1
     assert [r["step"] for r in rows("fsdp", evals=True) if "eval/mag/knn" in r] == [2, 4]
     scores = [r["eval/mag/knn"] for r in metrics(tmp_path / "fsdp") if "eval/mag/knn" in r]
     assert all(0 <= score <= 1 for score in scores)
@@ -324,16 +345,16 @@ def test_fsdp_on_two_processes_matches_ddp_resumes_exactly_and_exports(tmp_path,
     cfg.resume = str(list_checkpoints(tmp_path / "fsdp")[0])
     make_trainer(cfg).fit()
     assert [r["step"] for r in metrics(tmp_path / "one")] == [3, 4]
-
-
-@pytest.fixture
-def process_group_cleanup():
-    """A single-process FSDP run makes a process group of one: gone again after the test."""
-    yield
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    # ... and so does a 1-process FSDP run, reading only its rows of the 2 saved slices.
+    cfg = tiny_config(tmp_path / "one_fsdp", train={"max_steps": 4, "checkpoint_every": 2,
+                                                    "fsdp": True},
+                      model={"grad_checkpointing": True})
+    cfg.resume = str(list_checkpoints(tmp_path / "fsdp")[0])
+    trainer = make_trainer(cfg)
+    trainer.fit()
+    for a, b in zip(metrics(tmp_path / "one_fsdp"), metrics(tmp_path / "one"), strict=True):
+        a, b = ({k: v for k, v in r.items() if k not in VOLATILE} for r in (a, b))
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
 
 
 def test_a_damaged_shard_file_is_skipped_like_a_damaged_rank_file(
@@ -358,3 +379,21 @@ def test_a_damaged_shard_file_is_skipped_like_a_damaged_rank_file(
     assert f"skipped damaged checkpoint: {damaged}/shard_00000.pt: unreadable" in said.err
     assert "(step 1)" in said.out
     assert [r["step"] for r in metrics(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_resliced_rows_are_the_slices_of_the_whole(tmp_path):
+    """A checkpoint saved as 3 slices, read as 2 (and 5): each process's rows, as FSDP2 cuts
+    the whole tensor, read from memory-mapped shard files."""
+    from midnight_train.loop.distributed import rank_slice
+
+    whole = {"a": torch.arange(7 * 3.0).view(7, 3), "b": torch.arange(2.0).view(2, 1, 1)}
+    for i in range(3):
+        part = {name: rank_slice(t, i, 3) for name, t in whole.items()}
+        torch.save({"student": part, "teacher": part, "optimizer": {0: {"exp_avg": part["a"]}}},
+                   checkpoint.shard_file(tmp_path, i))
+    for world in (2, 5):
+        for rank in range(world):
+            got = checkpoint.load_resliced(tmp_path, 3, rank, world)
+            for name, t in whole.items():
+                assert torch.equal(got["teacher"][name], rank_slice(t, rank, world)), (world, name)
+            assert torch.equal(got["optimizer"][0]["exp_avg"], rank_slice(whole["a"], rank, world))

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from midnight_train.config import Config, TrainConfig
+from midnight_train.data.masking import masked_positions
 from midnight_train.method.models import ModelConfig
 from midnight_train.method.objective import LossConfig
 
@@ -23,6 +24,13 @@ class FakeData:
     local_crop_size: int = 14
     n_local_crops: int = 2
     patch_size: int = 14
+
+
+def mask_fields(masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``masks`` with the masked positions the loader hands over beside them."""
+    indices, weights = masked_positions(masks.numpy())
+    return {"masks": masks, "mask_indices": torch.from_numpy(indices),
+            "mask_weights": torch.from_numpy(weights)}
 
 
 class FakeLoader:
@@ -45,10 +53,10 @@ class FakeLoader:
         masks = torch.rand(2 * B, n_patches, generator=g) < 0.3
         masks[::2] = False  # half of the images unmasked, as DINOv2
         return {
+            **mask_fields(masks),
             "global_crops": torch.randint(0, 256, (2, B, 3, G, G), dtype=torch.uint8, generator=g),
             "local_crops": torch.randint(0, 256, (c.n_local_crops, B, 3, L, L), dtype=torch.uint8,
                                          generator=g),
-            "masks": masks,
             "keys": [f"k{self.position}_{i}" for i in range(B)],
         }
 

@@ -9,7 +9,8 @@ For a batch whose global crops are flattened crop-major to N = 2·B images:
   `max_fraction` of the patches (a block that would overshoot is redrawn, up to 10 tries);
 - the rest get empty masks, then the order of the N masks is shuffled.
 All randomness comes from the numpy Generator passed in, so a batch's masks are reproducible.
-The trainer derives iBOT mask weights (1 / masked count per image) from these masks itself.
+`masked_positions` gives what the iBOT loss needs of them with a count known on the host: the
+flat indices of the masked patches and their weights (1 / masked count of the image).
 """
 
 from __future__ import annotations
@@ -68,3 +69,15 @@ def batch_masks(rng: np.random.Generator, n_images: int, grid: int, *, sample_pr
         masks[i] = block_mask(rng, grid, int(n_patches * ratio), min_patches=min_patches,
                               max_patches=max_patches).reshape(-1)
     return masks[rng.permutation(n_images)]
+
+
+def masked_positions(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices of the masked patches of ``masks`` [N, P] (row-major: what boolean indexing
+    selects, in that order) and each one's iBOT weight, 1 / (masked patches of its image), so
+    every masked image counts once. Made with the batch, so the device never has to tell the
+    host how many patches are masked."""
+    masks = np.asarray(masks, dtype=bool)
+    indices = np.flatnonzero(masks).astype(np.int64)
+    per_image = masks.sum(axis=1).astype(np.float32)
+    weights = np.float32(1.0) / per_image[indices // max(masks.shape[1], 1)]
+    return indices, weights.astype(np.float32)

@@ -189,7 +189,7 @@ class SampleStream:
                 batch.add(record["__key__"], img, self.geometry, i)
             masks = ibot_masks(cfg, np.random.default_rng(self.seed + [_TAG_MASK, self.batches]))
             self.batches += 1
-            yield {**batch.tensors(), "masks": masks, "_position": self.position()}
+            yield {**batch.tensors(), **masks, "_position": self.position()}
 
 
 class ShardStreamDataset(StreamDataset):

@@ -376,7 +376,7 @@ class SlideStream:
                     batch.add(tile.key, Image.fromarray(tile.rgb), geometry, row)
                 masks = ibot_masks(cfg, np.random.default_rng(self.seed + [TAG_MASK, self.batches]))
                 self.batches += 1
-                yield {**batch.tensors(), "masks": masks, "_position": self.position()}
+                yield {**batch.tensors(), **masks, "_position": self.position()}
         finally:
             self.sampler.close()
 

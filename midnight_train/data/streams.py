@@ -11,16 +11,20 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from midnight_train.data.config import DataConfig
-from midnight_train.data.masking import batch_masks
+from midnight_train.data.masking import batch_masks, masked_positions
 from midnight_train.data.records import REASONS
 
 
-def ibot_masks(cfg: DataConfig, rng: np.random.Generator) -> torch.Tensor:
-    """The iBOT masks of one batch's global crops, [2·B, (G // patch)²], crop-major."""
-    return torch.from_numpy(batch_masks(
+def ibot_masks(cfg: DataConfig, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """The iBOT masks of one batch's global crops: ``masks`` [2·B, (G // patch)²] crop-major,
+    with ``mask_indices`` and ``mask_weights`` of the masked patches (``masked_positions``)."""
+    masks = batch_masks(
         rng, 2 * cfg.batch_size, cfg.global_crop_size // cfg.patch_size,
         sample_probability=cfg.mask_sample_probability, ratio_min_max=tuple(cfg.mask_ratio_min_max),
-        max_fraction=cfg.mask_max_fraction, min_patches=cfg.mask_min_patches))
+        max_fraction=cfg.mask_max_fraction, min_patches=cfg.mask_min_patches)
+    indices, weights = masked_positions(masks)
+    return {"masks": torch.from_numpy(masks), "mask_indices": torch.from_numpy(indices),
+            "mask_weights": torch.from_numpy(weights)}
 
 
 class StreamDataset(IterableDataset):

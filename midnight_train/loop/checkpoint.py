@@ -108,9 +108,11 @@ def _nothing() -> None:
 
 def save(output_dir: str | Path, step: int, *, rank: int, rank_state: dict[str, Any],
          model: dict[str, Any] | None, keep: int, barrier: Callable[[], None] = _nothing,
-         shard: dict[str, Any] | None = None) -> Path:
+         shard: dict[str, Any] | None = None, shard_index: int | None = None) -> Path:
     """Write the checkpoint of ``step``; every process calls it with its own ``rank_state``
-    (and ``shard``, its slices, when the networks are sharded), process 0 also with ``model``
+    (and ``shard``, its slices, when the networks are sharded: slice ``shard_index``, by
+    default ``rank``; with hybrid sharding only the first group's processes pass theirs, the
+    other groups hold the same slices), process 0 also with ``model``
     (the ``MODEL_KEYS`` but ``step``), and publishes it. ``barrier`` synchronises the processes
     (none needed in a single process). A checkpoint already under the same name (left by a run
     continued from an earlier step) is replaced. Then only the newest ``keep`` checkpoints are
@@ -128,7 +130,7 @@ def save(output_dir: str | Path, step: int, *, rank: int, rank_state: dict[str, 
     barrier()
     _write(rank_state, rank_file(tmp, rank))
     if shard is not None:
-        _write(shard, shard_file(tmp, rank))
+        _write(shard, shard_file(tmp, rank if shard_index is None else shard_index))
     if main:
         _write({"step": step, **model}, tmp / MODEL_FILE)
     barrier()
@@ -162,12 +164,12 @@ def _legacy_numpy_globals() -> list:
     return [multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
-def _read(path: Path, what: str) -> Any:
+def _read(path: Path, what: str, mmap: bool = False) -> Any:
     if not path.is_file():
         raise CheckpointError(f"{path}: missing ({what})")
     try:
         with torch.serialization.safe_globals(_legacy_numpy_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises several types for truncated or foreign files
         text = str(err)
         lines = [line.strip() for line in text.splitlines() if line.strip()]
@@ -200,10 +202,11 @@ def load(path: str | Path, *, join: bool = True) -> dict[str, Any]:
     return state
 
 
-def load_shard(path: str | Path, rank: int) -> dict[str, Any]:
-    """``shard_XXXXX.pt``: process ``rank``'s slices of a sharded checkpoint."""
+def load_shard(path: str | Path, rank: int, mmap: bool = False) -> dict[str, Any]:
+    """``shard_XXXXX.pt``: process ``rank``'s slices of a sharded checkpoint (``mmap``: read
+    from the file only where a tensor is used)."""
     file = shard_file(path, rank)
-    state = _read(file, f"process {rank}'s slices of the model and optimiser")
+    state = _read(file, f"process {rank}'s slices of the model and optimiser", mmap)
     missing = [k for k in SHARDED_PARTS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{file}: not a midnight-train shard file (no {', '.join(missing)})")
@@ -223,6 +226,43 @@ def _join_shards(path: Path, state: dict[str, Any]) -> None:
             optimizer_state.setdefault(index, {})[slot] = torch.cat(
                 [s["optimizer"][index][slot] for s in shards])
     state["sharded"] = 0  # whole now
+
+
+def _rows(pieces: list[torch.Tensor], start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of the concatenation of ``pieces``, copying only those rows."""
+    out, offset = [], 0
+    for piece in pieces:
+        n = piece.shape[0]
+        lo, hi = max(start - offset, 0), min(end - offset, n)
+        if lo < hi:
+            out.append(piece[lo:hi])
+        offset += n
+    if not out:
+        return pieces[0][:0].clone()
+    return torch.cat(out) if len(out) > 1 else out[0].clone()
+
+
+def load_resliced(path: str | Path, n_shards: int, rank: int, world_size: int) -> dict[str, Any]:
+    """Process ``rank``'s slices for ``world_size`` slices per copy, as a shard file of that
+    layout would hold them, from a checkpoint saved as ``n_shards`` slices: each shard file is
+    memory-mapped and only the rows this process needs are read (``torch.chunk`` along the first
+    dimension, as FSDP2 cuts), so no process ever holds the whole model."""
+    shards = [load_shard(path, i, mmap=True) for i in range(n_shards)]
+
+    def mine(pieces: list[torch.Tensor]) -> torch.Tensor:
+        total = sum(p.shape[0] for p in pieces)
+        size = -(-total // world_size) if total else 0
+        start, end = min(rank * size, total), min((rank + 1) * size, total)
+        return _rows(pieces, start, end)
+
+    out: dict[str, Any] = {part: {} for part in SHARDED_PARTS}
+    for part in ("student", "teacher"):
+        for name in shards[0][part]:
+            out[part][name] = mine([s[part][name] for s in shards])
+    for index, slots in shards[0]["optimizer"].items():
+        out["optimizer"][index] = {slot: mine([s["optimizer"][index][slot] for s in shards])
+                                   for slot in slots}
+    return out
 
 
 def load_rank(path: str | Path, rank: int) -> dict[str, Any]:

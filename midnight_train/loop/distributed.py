@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,35 +81,85 @@ def resolve_fsdp(configured: bool, environ: dict[str, str] | None = None) -> tup
     return False, ""
 
 
-def device_mesh(device: torch.device, num_processes: int):
-    """The 1-D mesh of all processes for FSDP2; a single process gets a process group of one."""
+@dataclass(frozen=True)
+class ShardLayout:
+    """Where each process's FSDP slices come from: ``n_replicas`` groups of ``shard_size``
+    processes (consecutive ranks, so a group is a node under torchrun); each group holds one
+    whole copy, cut into ``shard_size`` slices. ``n_replicas == 1`` is plain FSDP over all
+    processes; more is hybrid sharding (HSDP: gradients reduce-scattered within a group and
+    all-reduced across groups, parameters all-gathered within a group only)."""
+
+    shard_size: int
+    n_replicas: int
+    shard_rank: int  # this process's slice
+    replica: int  # this process's group
+    keep_gathered: bool  # student blocks stay gathered from forward to backward
+
+    def describe(self, world_size: int) -> str:
+        if self.n_replicas == 1:
+            how = f"sharded over {world_size} process(es)"
+        else:
+            how = (f"hybrid: sharded within groups of {self.shard_size} process(es), replicated "
+                   f"over {self.n_replicas} groups")
+        keep = ("the student's blocks stay gathered from forward to backward (one all-gather per "
+                "block per micro-step; train.fsdp_keep_gathered)" if self.keep_gathered else
+                "the student's blocks are gathered again for each pass (least memory; "
+                "train.fsdp_keep_gathered=false)")
+        return f"student and teacher {how}, one unit per ViT block; {keep}"
+
+
+def shard_layout(rank: int, world_size: int, shard_size: int, keep_gathered: bool,
+                 environ: dict[str, str] | None = None) -> ShardLayout:
+    """The layout of ``train.fsdp_shard_size`` (0: the processes of one node, i.e. hybrid
+    sharding on several nodes, as torchrun's LOCAL_WORLD_SIZE says)."""
+    env = os.environ if environ is None else environ
+    size = shard_size or int(env.get("LOCAL_WORLD_SIZE", world_size) or world_size)
+    size = min(max(size, 1), world_size)
+    if world_size % size:
+        raise ValueError(f"train.fsdp_shard_size={size} does not divide the {world_size} "
+                         f"processes: use a divisor of {world_size} (0: one node's processes)")
+    return ShardLayout(size, world_size // size, rank % size, rank // size, keep_gathered)
+
+
+def device_mesh(device: torch.device, num_processes: int, layout: ShardLayout):
+    """The FSDP2 mesh: 1-D over all processes, or 2-D (replicate, shard) for hybrid sharding;
+    a single process gets a process group of one."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 store=dist.HashStore(), rank=0, world_size=1)
-    return init_device_mesh(device.type, (num_processes,))
+    if layout.n_replicas == 1:
+        return init_device_mesh(device.type, (num_processes,))
+    return init_device_mesh(device.type, (layout.n_replicas, layout.shard_size),
+                            mesh_dim_names=("replicate", "shard"))
 
 
 def shard_student_teacher(student: torch.nn.Module, teacher: torch.nn.Module, mesh,
-                          param_dtype: torch.dtype | None) -> None:
+                          param_dtype: torch.dtype | None, keep_gathered: bool = True) -> None:
     """Shard both networks (``SSLNetwork``) with FSDP2 (``fully_shard``) over ``mesh``, in place:
     one unit per ViT block, one for the rest of the backbone (patch embedding, tokens, final
     norm), one per head, then the network. Every parameter is split along its first dimension
     the same way in both, so each process's teacher shard pairs with its student shard for the
     EMA, with no communication. ``param_dtype`` (bf16) is the compute precision of the gathered
     parameters; the shards (master weights, optimiser state) stay fp32 and gradients are reduced
-    in fp32. The teacher reshards after every forward (it has no backward to do it)."""
+    in fp32.
+
+    The student runs its backbone twice per micro-step (global, then local crops) and backward
+    once: resharding after each forward gathers every block four times per micro-step.
+    ``keep_gathered`` keeps the student's units gathered from their first forward until after
+    backward (one all-gather each; costs the gathered bf16 weights, 2 bytes per parameter). The
+    teacher reshards after its forward (it has no backward to do it)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    for net, root_reshard in ((student, None), (teacher, True)):
+    for net, reshard, root_reshard in ((student, not keep_gathered, None), (teacher, True, True)):
         units = [*net.backbone.vit.blocks, net.backbone, net.dino_head]
         if net.ibot_head is not None:
             units.append(net.ibot_head)
         for unit in units:
-            fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
+            fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         fully_shard(net, mesh=mesh, mp_policy=policy, reshard_after_forward=root_reshard)
     # The network's outputs are views (slices of the token tensor); nothing writes into them in
     # place, which is what FSDP2 warns about on every run.

@@ -66,7 +66,7 @@ class TrainStep:
         names: tuple[str, ...] = ()
         n_losses = 0
         summed: torch.Tensor | None = None
-        totals = torch.zeros(0)
+        totals: list[float] = []
         grad_norm = torch.zeros((), device=acc.device)
         for _ in range(cfg.grad_accum):
             waiting = time.perf_counter()
@@ -91,9 +91,10 @@ class TrainStep:
                     nets.student.set_requires_gradient_sync(acc.sync_gradients)
                 acc.backward(losses["loss"])                                     # backward
                 if acc.sync_gradients:
-                    totals = summed.cpu()
+                    totals = summed.cpu().tolist()  # the step's one wait for the device
                     # Any non-finite micro-step makes the sum non-finite (nan/inf never cancel).
-                    self._check_finite(totals[:n_losses] / cfg.grad_accum, names[:n_losses], step)
+                    self._check_finite([v / cfg.grad_accum for v in totals[:n_losses]],
+                                       names[:n_losses], step)
                     grad_norm = acc.clip_grad_norm_(                              # clip
                         nets.student.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else math.inf)
                     if isinstance(grad_norm, DTensor):  # sharded: the norm of all slices
@@ -104,12 +105,11 @@ class TrainStep:
                    self.ema_pairs)
         step += 1
         step_s = time.perf_counter() - start
-        result = StepResult({}, step_s, float(totals[-2]), bool(totals[-1] > 0))
+        result = StepResult({}, step_s, totals[-2], totals[-1] > 0)
         if step % cfg.log_every and step != cfg.max_steps:                      # log
             return result
         metrics: dict[str, Any] = {"step": step}
-        metrics.update({n: float(v) for n, v in
-                        zip(names, (totals[:-2] / cfg.grad_accum).tolist(), strict=True)})
+        metrics.update({n: v / cfg.grad_accum for n, v in zip(names, totals[:-2], strict=True)})
         metrics.update(lr=values.lr, wd=values.wd, teacher_momentum=values.teacher_momentum,
                        teacher_temp=values.teacher_temp, grad_norm=float(grad_norm),
                        samples_per_s=self.global_batch / max(step_s, 1e-9), step_s=step_s,
@@ -118,10 +118,10 @@ class TrainStep:
         result.metrics = metrics
         return result
 
-    def _check_finite(self, values: torch.Tensor, names: tuple[str, ...], step: int) -> None:
-        if bool(torch.isfinite(values).all()):
+    def _check_finite(self, values: list[float], names: tuple[str, ...], step: int) -> None:
+        if all(math.isfinite(v) for v in values):
             return
-        bad = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values.tolist(), strict=True)
+        bad = ", ".join(f"{n}={v:.4g}" for n, v in zip(names, values, strict=True)
                         if not math.isfinite(v))
         last = checkpoint.latest(self.output_dir)
         raise NonFiniteLossError(

@@ -5,8 +5,9 @@ Saved: ``model.pt`` (process 0: student, teacher, objective, optimiser, config, 
 one rank file per process (step, RNGs, the augmentation generator, the data position, a replica
 fingerprint); sharded (FSDP), each process also writes its slices and ``model.pt`` holds the
 rest (``midnight_train.loop.checkpoint``, the files). Restored: plain, from each process's own
-slices (a sharded checkpoint of as many processes), or by cutting whole tensors into this
-process's slices (any other checkpoint)."""
+slices (a sharded checkpoint of as many slices), from the rows of the saved slices this process
+needs (a sharded checkpoint of another number: memory-mapped, never the whole model), or by
+cutting whole tensors into this process's slices (a checkpoint of a replicated run)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 
 from midnight_train.loop import checkpoint
 from midnight_train.loop.checkpoint import CheckpointError, list_checkpoints
-from midnight_train.loop.distributed import rank_slice, split_sharded
+from midnight_train.loop.distributed import ShardLayout, rank_slice, split_sharded
 from midnight_train.loop.errors import RunError
 from midnight_train.method.student_teacher import DTensor, local_tensor
 
@@ -118,19 +119,24 @@ def replica_fingerprint(nets: Networks, acc, step: int) -> list[float]:
 # ----------------------------------------------------------------------------- resuming
 
 
-def read_checkpoint(path: Path, *, fsdp: bool, rank: int, world_size: int,
+def read_checkpoint(path: Path, *, layout: ShardLayout | None, rank: int, world_size: int,
                     everyone: Callable[[bool], bool]) -> tuple[dict, dict | None]:
-    """``model.pt`` and this process's rank file (None when the checkpoint was written by
-    another number of processes); a CheckpointError on every process if any fails."""
+    """``model.pt`` (with this process's slices when sharded: ``layout``) and this process's
+    rank file (None when the checkpoint was written by another number of processes); a
+    CheckpointError on every process if any fails."""
     error = None
     state: dict = {}
     rank_state = None
     try:
         state = checkpoint.load(path, join=False)
-        if fsdp and state.get("sharded") == world_size:
-            state["shard"] = checkpoint.load_shard(path, rank)  # this process's slices
-        elif state.get("sharded"):
-            state = checkpoint.load(path)  # whole tensors from all slices
+        saved = int(state.get("sharded") or 0)
+        if layout is not None and saved == layout.shard_size:
+            state["shard"] = checkpoint.load_shard(path, layout.shard_rank)  # its own slices
+        elif layout is not None and saved:
+            state["shard"] = checkpoint.load_resliced(path, saved, layout.shard_rank,
+                                                      layout.shard_size)
+        elif saved:
+            state = checkpoint.load(path)  # replicated: whole tensors from all slices
         if state["world_size"] == world_size:
             rank_state = checkpoint.load_rank(path, rank)
     except CheckpointError as err:
@@ -167,11 +173,12 @@ def find_checkpoint(resume: str | None, output_dir: Path, read: Callable[[Path],
     return path, state, rank_state
 
 
-def load_state(path: Path, state: dict, nets: Networks, acc, *, fsdp: bool) -> None:
+def load_state(path: Path, state: dict, nets: Networks, acc, *,
+               layout: ShardLayout | None) -> None:
     """Restore student, teacher, optimiser and loss state from ``model.pt``'s state."""
     try:
-        if fsdp:
-            load_sharded(state, nets, acc.process_index, acc.num_processes)
+        if layout is not None:
+            load_sharded(state, nets, layout.shard_rank, layout.shard_size)
         else:
             acc.unwrap_model(nets.student).load_state_dict(state["student"])
             nets.teacher.load_state_dict(state["teacher"])
@@ -188,8 +195,8 @@ def load_state(path: Path, state: dict, nets: Networks, acc, *, fsdp: bool) -> N
 
 @torch.no_grad()
 def load_sharded(state: dict, nets: Networks, rank: int, world_size: int) -> None:
-    """Fill the sharded networks and optimiser: from this process's own slices (a sharded
-    checkpoint of as many processes) or by cutting whole tensors (any other checkpoint)."""
+    """Fill the sharded networks and optimiser: from this process's slices (``state["shard"]``)
+    or by cutting whole tensors; ``rank`` of ``world_size`` is the slice of a copy."""
     own = state.get("shard") or {}
     for part, net in (("student", nets.student), ("teacher", nets.teacher)):
         whole, mine = state[part], own.get(part, {})

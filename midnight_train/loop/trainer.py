@@ -34,9 +34,11 @@ from accelerate.utils import ProjectConfiguration
 from midnight_train.config import Config, run_config
 from midnight_train.loop import checkpoint, watch
 from midnight_train.loop.distributed import (
+    ShardLayout,
     device_mesh,
     resolve_fsdp,
     resolve_mixed_precision,
+    shard_layout,
     shard_student_teacher,
 )
 from midnight_train.loop.errors import RunError
@@ -75,19 +77,20 @@ def adamw_implementation(groups: list[dict]) -> dict[str, bool]:
     return {"foreach": True}
 
 
-def build_networks(cfg: Config, acc: Accelerator, mp: str, fsdp: bool,
+def build_networks(cfg: Config, acc: Accelerator, mp: str, layout: ShardLayout | None,
                    fsdp_source: str) -> Networks:
     """Student, teacher, loss state and optimiser on this process's device: replicated (DDP) or
-    sharded (FSDP), the optimiser over what this process holds."""
+    sharded (FSDP, ``layout``), the optimiser over what this process holds."""
     tc = cfg.train
     # Same seed everywhere for initialisation (identical replicas), then per-rank streams.
     torch.manual_seed(tc.seed)
     student, teacher = build_student_teacher(cfg.model)
     objective = SSLObjective(cfg.model, cfg.loss)
-    if fsdp:  # sharding moves each process's slices to its device
+    if layout is not None:  # sharding moves each process's slices to its device
         try:
-            shard_student_teacher(student, teacher, device_mesh(acc.device, acc.num_processes),
-                                  torch.bfloat16 if mp == "bf16" else None)
+            shard_student_teacher(student, teacher,
+                                  device_mesh(acc.device, acc.num_processes, layout),
+                                  torch.bfloat16 if mp == "bf16" else None, layout.keep_gathered)
         except ImportError as err:
             raise RunError(f"FSDP ({fsdp_source}) needs torch >= 2.6 "
                            f"(torch.distributed.fsdp.fully_shard): {err}") from err
@@ -98,7 +101,7 @@ def build_networks(cfg: Config, acc: Accelerator, mp: str, fsdp: bool,
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(tc.betas),
                                   **adamw_implementation(groups))
     objective.to(acc.device)
-    if fsdp:
+    if layout is not None:
         optimizer = acc.prepare(optimizer)
     else:
         student, optimizer = acc.prepare(student, optimizer)
@@ -130,7 +133,14 @@ class Trainer:
         self.rank, self.world_size = acc.process_index, acc.num_processes
         self.run_dir = RunDir(self.output_dir, is_main=acc.is_main_process,
                               barrier=acc.wait_for_everyone)
-        self.nets = build_networks(cfg, acc, mp, self.fsdp, self.fsdp_source)
+        self.layout = None
+        if self.fsdp:
+            try:
+                self.layout = shard_layout(self.rank, self.world_size, tc.fsdp_shard_size,
+                                           tc.fsdp_keep_gathered)
+            except ValueError as err:
+                raise RunError(str(err)) from None
+        self.nets = build_networks(cfg, acc, mp, self.layout, self.fsdp_source)
 
         self.global_batch = cfg.data.batch_size * self.world_size * tc.grad_accum
         self.schedules = Schedules(
@@ -200,15 +210,19 @@ class Trainer:
         if self.is_main:
             model = {"world_size": self.world_size, "config": run_config(self.cfg),
                      "precision": acc.mixed_precision,
-                     "sharded": self.world_size if self.fsdp else 0,
+                     "sharded": self.layout.shard_size if self.layout else 0,
                      "student": student, "teacher": teacher,
                      "objective": self.nets.objective.state_dict(), "optimizer": optimizer}
         rank_state = {"step": self.step, "world_size": self.world_size, "rng": rng_states(),
                       "fingerprint": fingerprint, "augment_rng": self.aug_generator.get_state(),
                       "data": self.loader.state_dict() if self.loader is not None else None}
+        layout = self.layout
+        if layout is not None and layout.replica:  # the other groups hold the same slices
+            shard = None
         return checkpoint.save(self.output_dir, self.step, rank=self.rank, rank_state=rank_state,
                                model=model, keep=self.cfg.train.keep_checkpoints,
-                               barrier=acc.wait_for_everyone, shard=shard)
+                               barrier=acc.wait_for_everyone, shard=shard,
+                               shard_index=layout.shard_rank if layout else None)
 
     def _everyone(self, ok: bool) -> bool:
         """True when ``ok`` holds on every process (so that all choose the same checkpoint)."""
@@ -221,7 +235,7 @@ class Trainer:
         """Load the checkpoint ``resume`` names, if any: (its path, this process's rank state
         when the run continues exactly)."""
         def read(path: Path):
-            return read_checkpoint(path, fsdp=self.fsdp, rank=self.rank,
+            return read_checkpoint(path, layout=self.layout, rank=self.rank,
                                    world_size=self.world_size, everyone=self._everyone)
 
         found = find_checkpoint(self.cfg.resume, self.output_dir, read, self.run_dir.say)
@@ -230,7 +244,7 @@ class Trainer:
         path, state, rank_state = found
         self.run_dir.check_config(self.cfg, path, state, self.accelerator.mixed_precision,
                                   self.precision_source)
-        load_state(path, state, self.nets, self.accelerator, fsdp=self.fsdp)
+        load_state(path, state, self.nets, self.accelerator, layout=self.layout)
         self.step = int(state["step"])
         if state["world_size"] != self.world_size:
             self.run_dir.say(f"{path} was written by {state['world_size']} process(es), this "
@@ -307,9 +321,8 @@ class Trainer:
               f"steps {self.step}->{tc.max_steps}, output {self.output_dir}", flush=True)
         print(f"precision: {acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}"
               f" ({self.precision_source})", flush=True)
-        if self.fsdp:
-            print(f"FSDP ({self.fsdp_source}): student and teacher sharded over "
-                  f"{self.world_size} process(es), one unit per ViT block"
+        if self.layout is not None:
+            print(f"FSDP ({self.fsdp_source}): {self.layout.describe(self.world_size)}"
                   + ("; Accelerate's fsdp_config options are not used"
                      if "accelerate" in self.fsdp_source else ""), flush=True)
 

@@ -17,7 +17,10 @@ any camera/colour effect):
 6. normalise with mean/std.
 
 All random numbers come from the given torch.Generator (drawn on its device, then moved), in a
-fixed order, so a generator state gives the same output.
+fixed order, so a generator state gives the same output. Branch-free on the device: every step
+is computed for every crop and blended in by the crop's own flag (``torch.where``), and the
+constants are made once per device, so the host never waits for the device here (no
+``nonzero``, no ``bool()`` of a device tensor, no host-to-device copy in a call).
 
 HED units. `hed_jitter` uses scikit-image's `rgb2hed` convention without its clamp: optical
 density `od = log(max(rgb, 1e-6)) / log(1e-6)` (so od ∈ [0, 1]), stains = od @ hed_from_rgb,
@@ -33,6 +36,7 @@ Tellez's "light" 0.05 / "strong" 0.2 refer to α; their β scale does not carry 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +50,23 @@ RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 LOG2_ADJUST = math.log2(1e-6)
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+HUE_OFFSETS = (5.0, 3.0, 1.0)  # HSV -> RGB k-offsets
+
+
+@functools.lru_cache(maxsize=128)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant on ``device``, copied there once (a copy per call would make the host
+    wait for the device)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+_HED_ROWS = tuple(tuple(tuple(r) for r in m.tolist()) for m in (RGB_FROM_HED, HED_FROM_RGB))
+
+
+def _hed_matrices(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rgb_from_hed, hed_from_rgb) in float64 on ``device``."""
+    return (_constant(_HED_ROWS[0], device, torch.float64),
+            _constant(_HED_ROWS[1], device, torch.float64))
 
 
 @dataclass
@@ -84,7 +105,7 @@ def _hed_log2_affine(alpha: torch.Tensor, beta: torch.Tensor, device: torch.devi
     log2 rgb = log2 v − log2 scale folds the input scale (255 for uint8) into the shift too."""
     alpha64 = alpha.to(device, torch.float64)
     beta64 = beta.to(device, torch.float64)
-    h2r, r2h = RGB_FROM_HED.to(device), HED_FROM_RGB.to(device)
+    h2r, r2h = _hed_matrices(device)
     matrix = ((r2h[None] * alpha64[:, None, :]) @ h2r).transpose(1, 2)  # [B, 3 out, 3 in]
     shift = LOG2_ADJUST * (beta64 @ h2r) - math.log2(scale) * matrix.sum(2)  # [B, 3 out]
     return matrix.float().contiguous(), shift.float().contiguous()
@@ -117,8 +138,8 @@ def hed_jitter(images: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) ->
 
 
 def _as3(value: float | list[float], device: torch.device) -> torch.Tensor:
-    v = torch.as_tensor(value, dtype=torch.float32, device=device)
-    return v.expand(3) if v.ndim == 0 else v
+    values = tuple(value) if isinstance(value, (list, tuple)) else (float(value),) * 3
+    return _constant(values, device, torch.float32)
 
 
 def sample_hed_params(n: int, sigma_alpha: float | list[float], sigma_beta: float | list[float],
@@ -133,7 +154,7 @@ def sample_hed_params(n: int, sigma_alpha: float | list[float], sigma_beta: floa
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device)
+    w = _constant(GRAY_WEIGHTS, x.device, x.dtype)
     return torch.einsum("bchw,c->bhw", x, w)[:, None]
 
 
@@ -167,7 +188,7 @@ def _hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     s = torch.where(maxc > 0, delta / torch.where(maxc > 0, maxc, torch.ones_like(maxc)), torch.zeros_like(maxc))
     v = maxc
     # HSV → RGB with the k-offset formula: c = v - v·s·clamp(min(k, 4 - k), 0, 1)
-    k = torch.remainder(torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device)[None, :, None, None]
+    k = torch.remainder(_constant(HUE_OFFSETS, x.device, x.dtype)[None, :, None, None]
                         + h[:, None] * 6, 6)
     return v[:, None] - v[:, None] * s[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
 
@@ -213,39 +234,30 @@ class ColorAugment:
         hed_on, alpha, beta, jitter_on, u, order, gray_on, blur_on, sigma, solarize_on = (
             t.to(dev) for t in (hed_on, alpha, beta, jitter_on, u, order, gray_on, blur_on, sigma, solarize_on))
 
-        if bool(hed_on.all()):  # the default (hed_p = 1): the whole batch in one call
+        def on(flags: torch.Tensor) -> torch.Tensor:
+            return flags[:, None, None, None]
+
+        if cfg.hed_p >= 1:  # the default: every crop (a config choice, not the data's)
             x = hed_jitter(x, alpha, beta)  # a new tensor
         else:  # crops without HED stay exact (hed_jitter's α = 1, β = 0 is identity only to ~1e-6)
-            src = x
-            x = x.float().div_(255) if x.dtype == torch.uint8 else x.clone()
-            idx = torch.nonzero(hed_on).flatten()
-            if idx.numel():
-                x.index_copy_(0, idx, hed_jitter(src[idx], alpha[idx], beta[idx]))  # same dtype as x
-        # x is this call's own tensor from here on: each step rewrites only its crops, in place
+            plain = x.float().div_(255) if x.dtype == torch.uint8 else x.clone()
+            x = torch.where(on(hed_on), hed_jitter(x, alpha, beta).to(plain.dtype), plain)
+        # Each step is computed for every crop and taken where the crop's flag says so.
         factors = torch.stack([1 + u[:, 0] * cfg.brightness, 1 + u[:, 1] * cfg.contrast,
                                1 + u[:, 2] * cfg.saturation, u[:, 3] * cfg.hue], 1).to(x.dtype)
         ops = (_brightness, _contrast, _saturation, _hue)
         for step in range(4):
             for op_index, op in enumerate(ops):
-                idx = torch.nonzero(jitter_on & (order[:, step] == op_index)).flatten()
-                if idx.numel():
-                    x.index_copy_(0, idx, op(x[idx], factors[idx, op_index]))
-        idx = torch.nonzero(gray_on).flatten()
-        if idx.numel():
-            x.index_copy_(0, idx, _gray(x[idx]).expand(-1, 3, -1, -1))
-        idx = torch.nonzero(blur_on).flatten()
-        if idx.numel():
-            x.index_copy_(0, idx, gaussian_blur(x[idx], sigma[idx], hi))
-        idx = torch.nonzero(solarize_on).flatten()
-        if idx.numel():
-            sel = x[idx]
-            x.index_copy_(0, idx, torch.where(sel >= 128 / 255, 1 - sel, sel))
-        return x
+                chosen = jitter_on & (order[:, step] == op_index)
+                x = torch.where(on(chosen), op(x, factors[:, op_index]), x)
+        x = torch.where(on(gray_on), _gray(x).expand(-1, 3, -1, -1), x)
+        x = torch.where(on(blur_on), gaussian_blur(x, sigma, hi), x)
+        return torch.where(on(solarize_on) & (x >= 128 / 255), 1 - x, x)
 
     def _normalize_(self, x: torch.Tensor) -> torch.Tensor:
         """(x - mean) / std in place, for the tensors `augment` returns (its own)."""
-        mean = torch.tensor(self.cfg.mean, dtype=x.dtype, device=x.device)[None, :, None, None]
-        std = torch.tensor(self.cfg.std, dtype=x.dtype, device=x.device)[None, :, None, None]
+        mean = _constant(tuple(self.cfg.mean), x.device, x.dtype)[None, :, None, None]
+        std = _constant(tuple(self.cfg.std), x.device, x.dtype)[None, :, None, None]
         return x.sub_(mean).div_(std)
 
     def __call__(self, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Any]:

@@ -38,7 +38,7 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, n_iterations: int = 3) -> 
     if _distributed():  # one shared shift keeps the ranks' plans on the same scale
         dist.all_reduce(q_max, op=dist.ReduceOp.MAX)
     q = torch.exp(q - q_max)
-    n_rows = all_reduce_sum(torch.tensor(float(q.shape[0]), device=q.device))
+    n_rows = all_reduce_sum(torch.full((), float(q.shape[0]), device=q.device))  # a fill, no copy
     k = q.shape[1]
     q /= all_reduce_sum(q.sum()).clamp_min(1e-30)
     for _ in range(n_iterations):
@@ -68,7 +68,7 @@ class TeacherTargets(nn.Module):
         probs = F.softmax((logits - self.center) / temp, dim=-1)
         if update:
             total = all_reduce_sum(logits.sum(dim=0, keepdim=True))
-            count = all_reduce_sum(torch.tensor(float(logits.shape[0]), device=logits.device))
+            count = all_reduce_sum(torch.full((), float(logits.shape[0]), device=logits.device))
             mean = total / count.clamp_min(1.0)
             self.center.mul_(self.momentum).add_(mean, alpha=1 - self.momentum)
         return probs
@@ -92,16 +92,11 @@ def dino_loss(student_logits: list[torch.Tensor], teacher_probs: list[torch.Tens
     return total / max(pairs, 1)
 
 
-def ibot_mask_weights(masks: torch.Tensor) -> torch.Tensor:
-    """Per masked patch: 1 / (masked patches in its image), so every masked image counts equally."""
-    per_image = masks.sum(dim=1, keepdim=True).clamp_min(1).float()
-    return (1.0 / per_image).expand_as(masks)[masks]
-
-
 def ibot_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, weights: torch.Tensor,
               n_images: int, student_temp: float) -> torch.Tensor:
     """Cross-entropy on masked patches: the mean over each image's masked patches, summed over
-    images and divided by all ``n_images`` global crops (unmasked ones contribute zero)."""
+    images and divided by all ``n_images`` global crops (unmasked ones contribute zero).
+    ``weights``: 1 / (masked patches of its image) per row (`data.masking.masked_positions`)."""
     ce = -(teacher_probs * F.log_softmax(student_logits.float() / student_temp, dim=-1)).sum(-1)
     return (ce * weights).sum() / max(n_images, 1)
 

@@ -173,10 +173,14 @@ class SSLNetwork(nn.Module):
         return both[: len(cls)], both[len(cls):]
 
     def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None,
-                masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Global crops ``[2B,3,G,G]`` (with iBOT ``masks`` ``[2B, n_patches]`` for the student),
-        local crops ``[nB,3,L,L]``. Returns the CLS embeddings and the head outputs; patch outputs
-        only for masked positions (``ibot_logits`` rows follow ``masks.nonzero()`` order)."""
+                masks: torch.Tensor | None = None,
+                mask_indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Global crops ``[2B,3,G,G]``, local crops ``[nB,3,L,L]``. ``masks`` ``[2B, n_patches]``
+        (the student's) replaces those patches by the mask token; ``mask_indices`` (flat indices
+        into ``[2B, n_patches]``, `data.masking.masked_positions`) selects the patch outputs the
+        iBOT head scores, for student and teacher alike: an index with a count known on the host,
+        so no step waits for the device to count masked patches. Returns the CLS embeddings
+        and the head outputs (``ibot_logits`` rows in ``mask_indices`` order)."""
         p = self.backbone.num_prefix_tokens
         tokens = self.backbone(global_crops, masks)
         cls = tokens[:, 0]
@@ -184,7 +188,10 @@ class SSLNetwork(nn.Module):
         n_global = len(cls)
         if local_crops is not None and local_crops.numel():
             cls = torch.cat([cls, self.backbone(local_crops)[:, 0]])
-        masked = out["patch_tokens"][masks] if masks is not None else None
+        masked = None
+        if mask_indices is not None:
+            n_patches = tokens.shape[1] - p
+            masked = tokens[mask_indices // n_patches, p + mask_indices % n_patches]
         dino, ibot = self.heads(cls, masked)
         out["dino_logits"] = dino[:n_global]
         if len(dino) > n_global:

@@ -15,7 +15,6 @@ from midnight_train.method.losses import (
     TeacherTargets,
     dino_loss,
     ibot_loss,
-    ibot_mask_weights,
     kde_loss,
     koleo_loss,
     mean_pairwise_cosine,
@@ -56,15 +55,6 @@ class SSLObjective(nn.Module):
                   else model_cfg.head_n_prototypes)
         self.ibot_targets = TeacherTargets(ibot_k, **kw)
 
-    @torch.no_grad()
-    def teacher_forward(self, teacher: SSLNetwork, global_crops: torch.Tensor,
-                        masks: torch.Tensor) -> dict[str, torch.Tensor]:
-        tokens = teacher.backbone(global_crops)
-        p = teacher.backbone.num_prefix_tokens
-        cls = tokens[:, 0]
-        dino, ibot = teacher.heads(cls, tokens[:, p:][masks])
-        return {"cls": cls, "dino_logits": dino, "ibot_logits": ibot}
-
     def forward(self, student: nn.Module, teacher: SSLNetwork, batch: dict,
                 teacher_temp: float,
                 autocast: Callable[[], AbstractContextManager] = nullcontext,
@@ -72,15 +62,18 @@ class SSLObjective(nn.Module):
         """Returns ``(losses, monitors)``; ``losses["loss"]`` is the weighted total to minimise."""
         cfg = self.cfg
         gc, lc, masks = batch["global_crops"], batch["local_crops"], batch["masks"]
+        indices = batch["mask_indices"]
         n_images = gc.shape[0]
         batch_size = n_images // 2
         n_local = lc.shape[0] // batch_size if lc is not None and lc.numel() else 0
         # Both forwards under autocast: Accelerate's data-parallel wrapper would add it to the
         # student's, a sharded student has none (FSDP's bf16 parameters alone would run norms
         # and softmax in bf16). The losses take fp32 copies of what they read.
+        # One call per network (one FSDP root each): the teacher sees the unmasked crops.
         with autocast():
-            t = self.teacher_forward(teacher, gc, masks)
-            s = student(gc, lc, masks)
+            with torch.no_grad():
+                t = teacher(gc, mask_indices=indices)
+            s = student(gc, lc, masks, indices)
 
         t_dino = self.dino_targets(t["dino_logits"], teacher_temp)
         student_chunks = list(s["dino_logits"].chunk(2))
@@ -89,7 +82,7 @@ class SSLObjective(nn.Module):
         l_dino = dino_loss(student_chunks, list(t_dino.chunk(2)), cfg.student_temp, n_global=2)
 
         t_ibot = self.ibot_targets(t["ibot_logits"], teacher_temp)
-        l_ibot = ibot_loss(s["ibot_logits"], t_ibot, ibot_mask_weights(masks), n_images,
+        l_ibot = ibot_loss(s["ibot_logits"], t_ibot, batch["mask_weights"], n_images,
                            cfg.student_temp)
 
         crops = s["cls"].chunk(2)  # the regularisers compare different images of one view

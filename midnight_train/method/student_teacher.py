@@ -35,9 +35,10 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 class EMAPairs:
     """The teacher and student parameters in matching order (names and shapes checked once), for
-    ``ema_update``; this process's shards when the networks are sharded. Build it once per run:
-    the lists stay valid while the modules keep their parameter objects (``load_state_dict``,
-    ``.to(device)`` and checkpoint loading copy in place)."""
+    ``ema_update``. Build it once per run: the lists stay valid while the modules keep their
+    parameter objects (``load_state_dict``, ``.to(device)`` and checkpoint loading copy in
+    place). Sharded (FSDP2), ``local()`` takes each process's shards at the time of the update:
+    a local view taken before FSDP's lazy initialisation may no longer be the parameter's."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module):
         self.teacher: list[torch.Tensor] = []
@@ -47,9 +48,16 @@ class EMAPairs:
             if tn != sn or tp.shape != sp.shape:
                 raise RuntimeError(f"teacher/student parameter mismatch: {tn} "
                                    f"{tuple(tp.shape)} vs {sn} {tuple(sp.shape)}")
-            self.teacher.append(local_tensor(tp))
-            self.student.append(local_tensor(sp))
+            self.teacher.append(tp)
+            self.student.append(sp)
         self.cast = any(t.dtype != s.dtype for t, s in zip(self.teacher, self.student, strict=True))
+        self.sharded = any(isinstance(t, DTensor) for t in self.teacher)
+
+    def local(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(teacher, student) tensors to update: this process's shards, or the parameters."""
+        if not self.sharded:
+            return self.teacher, self.student
+        return ([local_tensor(t) for t in self.teacher], [local_tensor(s) for s in self.student])
 
 
 @torch.no_grad()
@@ -60,10 +68,10 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float,
     leaves the teacher bit-for-bit unchanged. One multi-tensor ``_foreach_lerp_`` over all
     parameters, no per-parameter Python loop when ``pairs`` (an ``EMAPairs``) is passed."""
     pairs = pairs if pairs is not None else EMAPairs(teacher, student)
-    s_params = pairs.student
+    t_params, s_params = pairs.local()
     if pairs.cast:
-        s_params = [s.to(t.dtype) for s, t in zip(s_params, pairs.teacher, strict=True)]
-    torch._foreach_lerp_(pairs.teacher, s_params, 1.0 - momentum)
+        s_params = [s.to(t.dtype) for s, t in zip(s_params, t_params, strict=True)]
+    torch._foreach_lerp_(t_params, s_params, 1.0 - momentum)
 
 
 def param_groups(student: SSLNetwork, layerwise_decay: float,
