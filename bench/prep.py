@@ -36,7 +36,7 @@ from midnight_prep.hsv import hsv_fraction
 from midnight_prep.job import encode_jpeg, process_slide
 from midnight_prep.plan import BuildParams, SlideSpec, mpp_key
 from midnight_prep.samples import cache_dir, cmu_small_region, cmu_tissue, write_pyramid
-from midnight_prep.slides import Slide, TiffTileReader, resolve_mpp
+from midnight_prep.slides import Slide, TiffTileReader, TileCache, resolve_mpp
 
 MPPS = (2.0, 1.0, 0.5, 0.25)
 TILE = 256
@@ -92,7 +92,7 @@ def run_naive(path: Path, quota: int, seed: int, budget_s: float) -> float:
 
 def run_floor(path: Path, metas: list[dict]) -> float:
     with Slide(str(path)) as slide:
-        reader = TiffTileReader(str(path), slide.levels, cache_tiles=0)
+        reader = TiffTileReader(str(path), slide.levels, cache=TileCache(0))
         started = time.process_time()
         for m in metas:
             ds = slide.levels[m["level"]].downsample

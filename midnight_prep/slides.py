@@ -2,14 +2,16 @@
 
 Reads go through a fast path where the slide is a tiled TIFF (SVS, generic pyramidal TIFF):
 only the compressed source tiles a region touches are decoded (tifffile + imagecodecs), with a
-small cache of decoded tiles. Every other format, and any level the fast path cannot map, is
+cache of decoded tiles bounded per process (``TILE_CACHE``). Every other format, and any level the fast path cannot map, is
 read with OpenSlide. Both paths return the same pixels (tested).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,31 +81,83 @@ def resolve_mpp(properties: dict, override: float | None = None) -> tuple[float,
     )
 
 
-class _LRU(OrderedDict):
-    def __init__(self, capacity: int):
-        super().__init__()
-        self.capacity = capacity
+class TileCache:
+    """The decoded source tiles of every slide open in this process, least recently used dropped
+    first, bounded in bytes (not per slide: a process with many slides open, such as a training
+    loader worker's pool, stays within one budget). Thread-safe; decoding runs outside the lock."""
 
-    def get_or(self, key, make):
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        value = make()
-        self[key] = value
-        if len(self) > self.capacity:
-            self.popitem(last=False)
-        return value
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._tiles: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get_or(self, key: tuple, make) -> np.ndarray:
+        with self._lock:
+            tile = self._tiles.get(key)
+            if tile is not None:
+                self._tiles.move_to_end(key)
+                return tile
+        tile = make()
+        with self._lock:
+            if key not in self._tiles and tile.nbytes <= self.max_bytes:
+                self._tiles[key] = tile
+                self.bytes += tile.nbytes
+                self._evict()
+        return tile
+
+    def resize(self, max_bytes: int) -> None:
+        with self._lock:
+            self.max_bytes = max_bytes
+            self._evict()
+
+    def _evict(self) -> None:
+        while self.bytes > self.max_bytes:
+            self.bytes -= self._tiles.popitem(last=False)[1].nbytes
+
+    def drop(self, owner: int) -> None:
+        """Forget the tiles of one reader (``key[0] == owner``), when its slide closes."""
+        with self._lock:
+            for key in [k for k in self._tiles if k[0] == owner]:
+                self.bytes -= self._tiles.pop(key).nbytes
+
+
+# One per process: MIDNIGHT_TILE_CACHE_MB (default 128) or set_tile_cache_mb.
+DEFAULT_TILE_CACHE_MB = 128
+TILE_CACHE = TileCache(int(float(os.environ.get("MIDNIGHT_TILE_CACHE_MB", DEFAULT_TILE_CACHE_MB))
+                           * 2**20))
+_OPENSLIDE_CACHE: list = []  # the shared OpenSlide cache of the same budget, made on first use
+_reader_ids = itertools.count()
+
+
+def set_tile_cache_mb(mb: float) -> None:
+    """This process's decoded-tile budget (the fast path's cache, and OpenSlide's own shared
+    cache for slides that are opened from now on)."""
+    TILE_CACHE.resize(int(mb * 2**20))
+    _OPENSLIDE_CACHE.clear()
+
+
+def _shared_openslide_cache(openslide):
+    """One OpenSlide cache for every slide of the process (OpenSlide >= 4 and openslide-python
+    >= 1.3); without it each slide has its own 32 MiB."""
+    if not _OPENSLIDE_CACHE and hasattr(openslide, "OpenSlideCache"):
+        try:
+            _OPENSLIDE_CACHE.append(openslide.OpenSlideCache(max(TILE_CACHE.max_bytes, 1)))
+        except openslide.OpenSlideError:  # an OpenSlide library older than 4.0
+            _OPENSLIDE_CACHE.append(None)
+    return _OPENSLIDE_CACHE[0] if _OPENSLIDE_CACHE else None
 
 
 class TiffTileReader:
     """Decode only the TIFF tiles a region touches. Levels it cannot serve map to None."""
 
-    def __init__(self, path: str, levels: list[Level], cache_tiles: int = 256):
+    def __init__(self, path: str, levels: list[Level], cache: TileCache | None = None):
         import tifffile
 
         self._tif = tifffile.TiffFile(path)
         self._fd = os.open(path, os.O_RDONLY)
-        self._cache = _LRU(cache_tiles)
+        self._cache = TILE_CACHE if cache is None else cache
+        self._id = next(_reader_ids)
         self.pages = []
         candidates = [p for p in self._tif.pages if p.is_tiled]
         for lv in levels:
@@ -128,7 +182,7 @@ class TiffTileReader:
             tile = np.asarray(tile).reshape(page.tilelength, page.tilewidth, -1)
             return tile[..., :3]
 
-        return self._cache.get_or((level, index), decode)
+        return self._cache.get_or((self._id, level, index), decode)
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """RGB uint8 [h, w, 3] at level coordinates (x, y); the region must lie in the level."""
@@ -147,6 +201,7 @@ class TiffTileReader:
         return out
 
     def close(self) -> None:
+        self._cache.drop(self._id)
         self._tif.close()
         os.close(self._fd)
 
@@ -200,6 +255,9 @@ class Slide:
         self._read_errors = (openslide.OpenSlideError, OSError, ValueError, RuntimeError)
         try:
             self._osr = openslide.OpenSlide(self.path)
+            shared = _shared_openslide_cache(openslide)
+            if shared is not None:
+                self._osr.set_cache(shared)
         except openslide.OpenSlideUnsupportedFormatError as e:
             raise SlideError(f"not a slide format OpenSlide can read ({e}); check the file type") from e
         except openslide.OpenSlideError as e:
@@ -231,7 +289,9 @@ class Slide:
         if self._fast is not None:
             self._fast.close()
             self._fast = None
-        self._osr.close()
+        if self._osr is not None:
+            self._osr.close()
+            self._osr = None
 
     def level_for(self, target_mpp: float, tolerance: float = DEFAULT_MPP_TOLERANCE) -> Level | None:
         """The coarsest level whose µm/px is at most ``target_mpp * (1 + tolerance)``: a read

@@ -179,6 +179,19 @@ def test_open_slides_are_bounded_and_closed_and_masks_cached(slide_dir, tmp_path
         assert [again.draw().key for _ in range(30)] == keys and again.masks.computed == 0
 
 
+def test_loader_process_keeps_decoded_tiles_within_data_tile_cache_mb(slide_dir, monkeypatch):
+    from midnight_prep import slides as slide_io
+
+    cache = slide_io.TileCache(2**30)
+    monkeypatch.setattr(slide_io, "TILE_CACHE", cache)
+    c = cfg([str(slide_dir / "generic40x.tiff"), str(slide_dir / "scan20x.tiff")],
+            slide_pool=2, draws_per_slide=50, tile_cache_mb=0.5)
+    it = iter(make_loader(c, seed=0, rank=0, world_size=1))  # workers 0: this process's cache
+    for _ in range(3):
+        next(it)
+    assert cache.max_bytes == 2**19 and 0 < cache.bytes <= 2**19
+
+
 def test_config_keys(slide_dir, tmp_path):
     one = str(slide_dir / "scan20x.tiff")
     with pytest.raises(ValueError, match="data.tiles.shard_size"):

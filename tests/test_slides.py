@@ -3,7 +3,8 @@ import openslide
 import pytest
 from PIL import Image
 
-from midnight_prep.slides import Slide, SlideError, downscale, resolve_mpp
+from midnight_prep import slides
+from midnight_prep.slides import Slide, SlideError, TileCache, downscale, resolve_mpp
 
 
 def test_mpp_sources(slide_dir, cmu_slide):
@@ -74,6 +75,38 @@ def test_fast_reader_on_real_aperio(cmu_slide):
         ours = fast.read_level(0, 1000, 1500, 512, 300)
         ref = np.asarray(osr.read_region((1000, 1500), 0, (512, 300)))[..., :3]
         assert np.array_equal(ours, ref)
+
+
+def test_tile_cache_is_one_byte_budget_for_every_open_slide(slide_dir, monkeypatch):
+    """Decoded tiles of all the slides a process holds open share one bounded cache; a closed
+    slide's tiles leave it; the pixels are the same at any budget, down to no cache at all."""
+    names = ["generic40x.tiff", "aperio40x.svs", "scan20x.tiff"]
+    cache = TileCache(2**30)
+    monkeypatch.setattr(slides, "TILE_CACHE", cache)
+    monkeypatch.setattr(slides, "_OPENSLIDE_CACHE", [])
+    with Slide(slide_dir / names[0]) as probe:
+        region = probe.read_level(0, 0, 0, 300, 300)
+    assert not cache._tiles  # closing dropped them
+    # OpenSlide's own tile cache (formats without the fast path): one for the process, too
+    assert isinstance(slides._OPENSLIDE_CACHE[0], openslide.OpenSlideCache)
+    opened = [Slide(slide_dir / name) for name in names]
+    try:
+        reads = [s.read_level(0, 0, 0, 300, 300) for s in opened]
+        owners = [s._fast._id for s in opened]
+        assert {k[0] for k in cache._tiles} == set(owners)
+        assert np.array_equal(reads[0], region)
+        one_slide = sum(t.nbytes for k, t in cache._tiles.items() if k[0] == owners[0])
+        slides.set_tile_cache_mb(one_slide / 2**20)  # room for one slide's tiles of three
+        assert 0 < cache.bytes <= one_slide
+        assert {k[0] for k in cache._tiles} == {owners[-1]}  # the least recently used went first
+        opened[-1].close()
+        assert cache.bytes == 0 and not cache._tiles
+        slides.set_tile_cache_mb(0)  # no cache: every tile decoded again, the same pixels
+        assert np.array_equal(opened[1].read_level(0, 0, 0, 300, 300), reads[1])
+        assert not cache._tiles
+    finally:
+        for s in opened:
+            s.close()
 
 
 def test_half_mpp_tile_equals_independent_downscale(slide_dir):

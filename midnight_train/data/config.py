@@ -31,6 +31,8 @@ class DataConfig:
     slide_weighting: str = "uniform"
     tissue_mm2_cap: float = 1000.0
     mask_cache_dir: str | None = None  # tissue masks kept on disk, shared by a node's workers
+    # decoded slide tiles kept per loader process, over all its open slides (README: host memory)
+    tile_cache_mb: float = 128.0
     # s3:// (remote) slides are staged here for OpenSlide; the limit must hold every slide open
     # at once: processes x num_workers x slide_pool x datasets x the largest slide
     stage_dir: str | None = None
@@ -40,6 +42,9 @@ class DataConfig:
     shuffle_buffer: int = 1000  # records shuffled together (one block); memory ≈ this × JPEG size
     shard_interleave: int = 4  # shards a stream reads from at once
     prefetch_factor: int = 2
+    # batches in page-locked memory, so the trainer's non_blocking copy to the GPU overlaps
+    # compute (null: on when CUDA is available)
+    pin_memory: bool | None = None
     timeout_s: float = 600.0  # a worker silent for this long is an error, not a hang
     # storage down this long stops the run; below timeout_s (default: half of it)
     read_retry_s: float | None = None

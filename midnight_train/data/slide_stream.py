@@ -60,7 +60,7 @@ from midnight_prep.job import Target, cut_tile, tile_target
 from midnight_prep.plan import BuildParams
 from midnight_prep.sampling import TissueSampler
 from midnight_prep.shards import sample_key
-from midnight_prep.slides import Slide, SlideError
+from midnight_prep.slides import Slide, SlideError, set_tile_cache_mb
 from midnight_prep.staging import SlideCache, StagingError
 from midnight_train.data.config import DataConfig, DataError
 from midnight_train.data.crops import CropBatch, draw_geometry
@@ -395,5 +395,6 @@ class SlideStreamDataset(StreamDataset):
 
     def make_stream(self, *, stream: int, n_streams: int, worker: int,
                     position: dict[str, Any] | None) -> Iterator[dict[str, Any]]:
+        set_tile_cache_mb(self.cfg.tile_cache_mb)  # in the worker: one budget per process
         return iter(SlideStream(self.cfg, self.datasets, seed=self.seed, stream=stream,
                                 n_streams=n_streams, worker=worker, position=position))
