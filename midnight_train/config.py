@@ -55,6 +55,11 @@ class TrainConfig:
     # the student's blocks stay gathered from forward to backward: 1 all-gather per block per
     # micro-step instead of 4 (2 forwards, 2 backward gathers), for 2 bytes per parameter
     fsdp_keep_gathered: bool = True
+    # process-group timeout: covers what one process does alone while the others wait in a
+    # collective (rank 0's periodic eval, writing model.pt, removing a replaced run)
+    dist_timeout_s: float = 3600.0
+    compile: bool = False  # torch.compile each ViT block (midnight_train.loop.kernels)
+    deterministic: bool = False  # debugging: repeatable GPU kernels, slower (loop.kernels)
     cpu: bool = False  # force CPU even when a GPU is present
     tensorboard: bool = True
     progress: bool = True
@@ -192,8 +197,10 @@ RESUME_MAY_CHANGE = (
     "train.tensorboard", "train.progress",
     # how the same model is laid out over the processes (sharded checkpoints load either way)
     "train.fsdp", "train.fsdp_shard_size", "train.fsdp_keep_gathered",
-    "data.timeout_s", "data.read_retry_s", "data.prefetch_factor",
-    "data.mask_cache_dir",  # where tissue masks are cached, never what they are
+    # how the same step is run and waited for
+    "train.dist_timeout_s", "train.compile", "train.deterministic",
+    "data.timeout_s", "data.read_retry_s", "data.prefetch_factor", "data.pin_memory",
+    "data.mask_cache_dir", "data.tile_cache_mb",  # caches change speed, never pixels
     "data.stage_dir", "data.stage_max_gb",  # where remote slides are staged
     # evaluation during training reads the model, never changes it
     "eval.every", "eval.sets", "eval.methods", "eval.k", "eval.shots", "eval.repeats",

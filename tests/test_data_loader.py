@@ -60,6 +60,15 @@ def test_batches_have_the_contracted_layout(shard_dir, cmu_slide):
     assert b["local_crops"].shape == (4, 4, 3, 28, 28) and b["local_crops"].dtype == torch.uint8
     assert b["global_crops"].permute(0, 1, 3, 4, 2).is_contiguous()  # channels-last memory
     assert b["masks"].shape == (8, 16) and b["masks"].dtype == torch.bool
+    # the masked patches' flat indices and iBOT weights come with the masks (no device sync)
+    flat = b["masks"].flatten()
+    assert torch.equal(b["mask_indices"], flat.nonzero().flatten())
+    per_image = b["masks"].sum(1).float()
+    assert torch.equal(b["mask_weights"], 1 / per_image[b["mask_indices"] // 16])
+    # pinned for the GPU copy where there is a GPU, as data.pin_memory says otherwise
+    assert loader.pin_memory == torch.cuda.is_available()
+    assert make_loader(cfg(str(shard_dir), pin_memory=False), seed=0, rank=0,
+                       world_size=1).pin_memory is False
     assert len(b["keys"]) == 4 and all(k.startswith("cmu_00499_") for k in b["keys"])
     # two crops of one tile differ (random geometry), and the crops hold tissue, not zeros
     assert not torch.equal(b["global_crops"][0, 0], b["global_crops"][1, 0])

@@ -242,3 +242,60 @@ def test_timing_metrics_and_a_starving_loader_is_reported(tmp_path, monkeypatch,
 
     make_trainer(tiny_config(tmp_path / "fast", train={"max_steps": 5})).fit()
     assert "starving" not in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def test_compiled_blocks_train_like_eager_and_save_the_same_keys(tmp_path, capsys):
+    """train.compile: each ViT block through torch.compile (inductor, a C++ compiler on the
+    CPU); the same losses as eager and checkpoints that load into an uncompiled model."""
+    import torch._dynamo
+
+    no_drop = {"drop_path_rate": 0.0}  # inductor draws its own random numbers
+    rows = {}
+    for compiled in (False, True):
+        out = tmp_path / str(compiled)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        make_trainer(tiny_config(out, train={"max_steps": 3, "compile": compiled},
+                                 model=no_drop)).fit()
+        rows[compiled] = stable(read_metrics(out))
+        if compiled:
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # global, local
+    assert "torch.compile: each ViT block (train.compile=true)" in capsys.readouterr().out
+    for eager, compiled in zip(rows[False], rows[True], strict=True):
+        assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
+    keys = {c: sorted(checkpoint.load(latest(tmp_path / str(c)))["student"]) for c in rows}
+    assert keys[True] == keys[False]
+
+
+@pytest.fixture
+def restore_kernel_settings():
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+             torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled())
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+    torch.backends.cuda.enable_flash_sdp(saved[4])
+    torch.backends.cuda.enable_mem_efficient_sdp(saved[5])
+
+
+def test_deterministic_switch_sets_every_kernel_choice_and_trains_the_same(
+        tmp_path, capsys, restore_kernel_settings, monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    make_trainer(tiny_config(tmp_path / "plain", train={"max_steps": 2})).fit()
+    make_trainer(tiny_config(tmp_path / "det", train={"max_steps": 2, "deterministic": True})).fit()
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    assert not torch.backends.cuda.flash_sdp_enabled()
+    assert not torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.math_sdp_enabled()
+    import os
+
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert "deterministic kernels (train.deterministic=true)" in capsys.readouterr().out
+    # on the CPU the default kernels are already repeatable: the same numbers either way
+    assert stable(read_metrics(tmp_path / "det")) == stable(read_metrics(tmp_path / "plain"))

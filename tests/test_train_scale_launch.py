@@ -102,6 +102,43 @@ def test_fsdp_from_the_config_or_accelerate_launch():
     assert resolve_fsdp(False, {"ACCELERATE_USE_FSDP": "false"}) == (False, "")
 
 
+# ----------------------------------------------------------------------------- timeouts
+
+# Rank 0 works alone (as periodic eval, writing model.pt or removing a replaced run do) while
+# rank 1 waits in a collective: train.dist_timeout_s decides whether the wait is long enough.
+ALONE = """
+import sys, time
+from train_fakes import make_trainer, tiny_config
+timeout, alone = float(sys.argv[2]), float(sys.argv[3])
+trainer = make_trainer(tiny_config(sys.argv[1], train={"dist_timeout_s": timeout}))
+if trainer.rank == 0:
+    time.sleep(alone)
+trainer.accelerator.wait_for_everyone()
+print("rank", trainer.rank, "waited", flush=True)
+"""
+
+
+@pytest.mark.parametrize("timeout,ok", [(2.0, False), (60.0, True)])
+def test_process_group_timeout_covers_work_one_rank_does_alone(tmp_path, timeout, ok):
+    from test_train_scale import free_port
+
+    script = tmp_path / "alone.py"
+    script.write_text(ALONE)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+         str(free_port()), str(script), str(tmp_path / "run"), str(timeout), "8"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                       "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}"},
+        capture_output=True, text=True, timeout=180)
+    if ok:
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert sorted(done.stdout.split("\n")[:-1]) == ["rank 0 waited", "rank 1 waited"]
+    else:  # the waiting rank gave up after the configured 2 s, not torch's default 30 min
+        assert done.returncode != 0 and "rank 1 waited" not in done.stdout
+        assert "timed out" in done.stderr.lower() or "timeout" in done.stderr.lower(), \
+            done.stderr[-3000:]
+
+
 # ----------------------------------------------------------------------------- examples
 
 

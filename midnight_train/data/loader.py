@@ -109,6 +109,11 @@ class Loader:
         self.dataset = ShardStreamDataset(cfg, shard_lists, seed=stream_seed, rank=rank,
                                           world_size=world_size)
 
+    @property
+    def pin_memory(self) -> bool:
+        """Batches in page-locked memory (``data.pin_memory``; default: when CUDA is there)."""
+        return torch.cuda.is_available() if self.cfg.pin_memory is None else self.cfg.pin_memory
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         n_workers = max(1, self.cfg.num_workers)
         self.dataset.positions = list(self.positions)
@@ -119,7 +124,8 @@ class Loader:
         # A private generator: the DataLoader's base-seed draw must not touch the global torch
         # RNG (the trainer restores that on resume and needs it to stay in step).
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.num_workers,
-                            generator=torch.Generator().manual_seed(self.stream_seed), **extra)
+                            generator=torch.Generator().manual_seed(self.stream_seed),
+                            pin_memory=self.pin_memory, **extra)
         return self._hand_out(iter(loader))  # workers start now, not at the first next()
 
     def _hand_out(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +122,8 @@ def shard_layout(rank: int, world_size: int, shard_size: int, keep_gathered: boo
     return ShardLayout(size, world_size // size, rank % size, rank // size, keep_gathered)
 
 
-def device_mesh(device: torch.device, num_processes: int, layout: ShardLayout):
+def device_mesh(device: torch.device, num_processes: int, layout: ShardLayout,
+                timeout: timedelta | None = None):
     """The FSDP2 mesh: 1-D over all processes, or 2-D (replicate, shard) for hybrid sharding;
     a single process gets a process group of one."""
     import torch.distributed as dist
@@ -129,7 +131,7 @@ def device_mesh(device: torch.device, num_processes: int, layout: ShardLayout):
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                store=dist.HashStore(), rank=0, world_size=1)
+                                store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     if layout.n_replicas == 1:
         return init_device_mesh(device.type, (num_processes,))
     return init_device_mesh(device.type, (layout.n_replicas, layout.shard_size),

@@ -23,13 +23,14 @@ from __future__ import annotations
 import random
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
 from midnight_train.config import Config, run_config
 from midnight_train.loop import checkpoint, watch
@@ -42,6 +43,7 @@ from midnight_train.loop.distributed import (
     shard_student_teacher,
 )
 from midnight_train.loop.errors import RunError
+from midnight_train.loop.kernels import compile_blocks, deterministic_mode
 from midnight_train.loop.run_dir import TENSORBOARD_DIR, RunDir
 from midnight_train.loop.signals import Preempted, StopSignals
 from midnight_train.loop.step import TrainStep
@@ -85,11 +87,14 @@ def build_networks(cfg: Config, acc: Accelerator, mp: str, layout: ShardLayout |
     # Same seed everywhere for initialisation (identical replicas), then per-rank streams.
     torch.manual_seed(tc.seed)
     student, teacher = build_student_teacher(cfg.model)
+    if tc.compile:
+        compile_blocks(student, teacher)
     objective = SSLObjective(cfg.model, cfg.loss)
     if layout is not None:  # sharding moves each process's slices to its device
         try:
-            shard_student_teacher(student, teacher,
-                                  device_mesh(acc.device, acc.num_processes, layout),
+            mesh = device_mesh(acc.device, acc.num_processes, layout,
+                               timedelta(seconds=tc.dist_timeout_s))
+            shard_student_teacher(student, teacher, mesh,
                                   torch.bfloat16 if mp == "bf16" else None, layout.keep_gathered)
         except ImportError as err:
             raise RunError(f"FSDP ({fsdp_source}) needs torch >= 2.6 "
@@ -124,8 +129,10 @@ class Trainer:
             raise RunError(f"FSDP ({self.fsdp_source}) trains in bf16 or fp32, not fp16 "
                            f"({self.precision_source}): set train.mixed_precision=bf16")
         self.output_dir = Path(cfg.output_dir)
+        self.kernels_note = deterministic_mode() if tc.deterministic else None
         self.accelerator = acc = Accelerator(
             cpu=cpu, mixed_precision=mp, gradient_accumulation_steps=tc.grad_accum,
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=tc.dist_timeout_s))],
             log_with="tensorboard" if tc.tensorboard else None,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / TENSORBOARD_DIR)),
@@ -321,6 +328,11 @@ class Trainer:
               f"steps {self.step}->{tc.max_steps}, output {self.output_dir}", flush=True)
         print(f"precision: {acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}"
               f" ({self.precision_source})", flush=True)
+        if self.kernels_note:
+            print(self.kernels_note, flush=True)
+        if tc.compile:
+            print("torch.compile: each ViT block (train.compile=true); the first steps compile",
+                  flush=True)
         if self.layout is not None:
             print(f"FSDP ({self.fsdp_source}): {self.layout.describe(self.world_size)}"
                   + ("; Accelerate's fsdp_config options are not used"
