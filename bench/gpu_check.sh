@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The prepared GPU check of the training at scale (bench/gpu_check.py lists what it measures):
-# ViT-B/14 and ViT-g/14 (FSDP, bf16, activation checkpointing) train steps with MFU and peak
-# memory, ColorAugment on the GPU, the full data pipeline feeding the GPU, and preemption /
-# resume / export through `accelerate launch --use_fsdp`. Under 8 minutes on one H100/H200.
+# ViT-g/14 (1 GPU, no communication: FSDP in one process; with and without activation
+# checkpointing, the student kept gathered or resharded, real tiles + ColorAugment in the step)
+# and ViT-B/14 train steps with MFU (model and with recompute), allocated and reserved peak
+# memory, the SDPA kernel and host syncs per step; ColorAugment on the GPU, the full data
+# pipeline feeding the GPU, and preemption / resume / export through `accelerate launch
+# --use_fsdp`. Each check is time-boxed (gpu_check.py's TIMEOUTS: under 480 s together on the
+# GPU), so the whole run fits the device's 540 s on one H100/H200.
 #
 # A session with a GPU machine runs exactly these two commands:
 #   1. here, on the CPU machine (shards from the sample tissue + wheels missing there, ~25 MB):
@@ -12,7 +16,8 @@
 #        carry:     [".gpu-check"]
 #        timeout_s: 540
 # The results come back as files: gpu_check.json, gpu_check.md (the table for BENCHMARKS.md,
-# section "Training step") and gpu_check.log.
+# section "Training step") and gpu_check.log. The first two are rewritten after every check: a
+# run stopped at the limit still returns every check done so far (and the one it was in).
 #
 #   bench/gpu_check.sh --cpu          # dry run here: the same checks with tiny models on the
 #                                     # CPU (after --prepare), results in .gpu-check/out-cpu/

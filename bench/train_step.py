@@ -8,6 +8,8 @@ side by side with the bare backbone forward+backward of the same crops as the ba
     python bench/train_step.py --arch vit_base_patch14_dinov2 --batch 8 --steps 5   # one row
     python bench/train_step.py --arch vit_giant_patch14_dinov2 --batch 12 --checkpointing \
         --prototypes 131072 --fsdp --steps 100 --max-seconds 60   # one row, FSDP, time-capped
+    python bench/train_step.py --arch vit_giant_patch14_dinov2 --batch 12 --checkpointing \
+        --fsdp --variants default,augment,reshard,no-ckpt --data SHARDS   # 4 rows, one build
 
 Two rows per model, each in its own process (so that the peak memory is its own):
 
@@ -20,12 +22,30 @@ Two rows per model, each in its own process (so that the peak memory is its own)
   (same masks, drop path, precision and checkpointing). ``x backbone`` = step time / this time:
   everything above 1 is the cost of the SSL machinery.
 
+``--variants`` measures several configurations of one built model in one process (a ViT-g build
+is a large part of a time-boxed GPU check), one JSON line each as it finishes (``VARIANTS``):
+activation checkpointing on or off (timm's ``set_grad_checkpointing``), the student's FSDP units
+kept gathered from forward to backward or resharded after each forward
+(``train.fsdp_keep_gathered``, switched by FSDP2's ``set_reshard_after_forward``), and the step
+on real uint8 tiles from the shards in ``--data`` passed through ``ColorAugment`` on the device
+inside the step, as training runs it (the augmentation's share of the step timed by CUDA events
+around it). A configuration that runs out of GPU memory gives a row with ``"oom": true`` and
+the next one still runs. Peak memory is reset before each, but the allocator has seen the
+earlier ones (a fresh process can come out a little lower).
+
 Step time is the median of ``--steps`` steps after ``--warmup`` steps. Model FLOPs per step are
 counted by torch's FlopCounterMode (student forward + backward incl. heads, teacher forward;
 matmuls, convolutions and attention; without the recomputation of activation checkpointing), one
-sample at a time so that even ViT-g needs no activation memory for it. MFU = model FLOP/s / the
-GPU's dense bf16 peak. Peak memory is the process's peak RSS on CPU and
-``torch.cuda.max_memory_allocated`` on a GPU.
+sample at a time so that even ViT-g needs no activation memory for it; counted once more with
+checkpointing on, they include the recomputed forwards (the FLOPs the hardware does). MFU =
+model FLOP/s / the GPU's dense bf16 peak; ``mfu_recompute`` the same with the recomputation.
+Peak memory is the process's peak RSS on CPU and ``torch.cuda.max_memory_allocated`` /
+``max_memory_reserved`` on a GPU.
+
+The first configuration also records which attention kernel SDPA chose in the step (the aten op
+the dispatcher ran: flash, mem-efficient, cuDNN, the CPU kernel, or none = math) and, on a GPU,
+the host syncs of one step (``torch.cuda.set_sync_debug_mode("warn")``, warnings counted), both
+for a step that logs metrics and for one that does not.
 
 On a shared CPU, run with as many threads as there are idle cores (``OMP_NUM_THREADS``): OpenMP
 threads that have to wait for a core make every op as slow as a scheduler time slice, so the step
@@ -36,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import os
@@ -45,13 +66,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# bench/step_probes.py (this script's folder is on sys.path)
+from step_probes import RealBatches, TimedAugment, host_syncs, sdpa_backend  # noqa: E402
 
 from midnight_train.config import Config, TrainConfig  # noqa: E402
 from midnight_train.data.masking import masked_positions  # noqa: E402
@@ -144,9 +170,11 @@ def per_sample(batch: dict, b: int):
                "local_crops": batch["local_crops"][j::b] if n_local else batch["local_crops"][:0]}
 
 
-def count_flops(work, batch: dict, b: int, vit) -> float:
+def count_flops(work, batch: dict, b: int, vit, *, checkpointing: bool = False) -> float:
+    """One step's FLOPs of ``work``: model FLOPs, or with ``checkpointing`` also the forwards
+    that activation checkpointing recomputes in backward (what the hardware does)."""
     saved = vit.grad_checkpointing
-    vit.set_grad_checkpointing(False)  # model FLOPs: no recomputation
+    vit.set_grad_checkpointing(checkpointing)
     try:
         with _flop_counter() as counter:
             for one in per_sample(batch, b):
@@ -156,7 +184,7 @@ def count_flops(work, batch: dict, b: int, vit) -> float:
     return float(counter.get_total_flops())
 
 
-# ----------------------------------------------------------------------------- one row
+# ----------------------------------------------------------------------------- one model
 
 
 def peak_tflops(name: str) -> float | None:
@@ -166,6 +194,10 @@ def peak_tflops(name: str) -> float | None:
 # --tiny: the same code path with a 2-block 64-d ViT and small heads (a dry run on the CPU).
 TINY = {"timm_kwargs": {"embed_dim": 64, "depth": 2, "num_heads": 2, "mlp_ratio": 4.0},
         "head_hidden_dim": 128}
+
+# --variants: what each configuration changes from the command line's (``default``).
+VARIANTS = {"default": {}, "ckpt": {"checkpointing": True}, "no-ckpt": {"checkpointing": False},
+            "reshard": {"keep_gathered": False}, "augment": {"real_batch": True}}
 
 
 def build_config(args, gpu: bool, data: BenchData) -> Config:
@@ -183,12 +215,38 @@ def build_config(args, gpu: bool, data: BenchData) -> Config:
                           mixed_precision="bf16" if gpu else "no", fsdp=args.fsdp))
 
 
-def setup_train_step(args, gpu: bool):
-    """The real trainer; returns (one step, FLOPs of one step's model work)."""
+def bench_data(args) -> BenchData:
+    return BenchData(batch_size=args.batch, global_crop_size=args.global_size,
+                     local_crop_size=args.local_size, n_local_crops=args.n_local)
+
+
+@dataclass
+class Bench:
+    """One built model: its step, its FLOPs, and the switches between configurations."""
+
+    step: Callable[[], Any]  # one step on the synthetic device batch (train step: metrics)
+    flops: dict[bool, float]  # one step's FLOPs without / with (True) recomputation
+    vit: torch.nn.Module  # the student's timm ViT (activation checkpointing)
+    student: torch.nn.Module  # the FSDP root when sharded
+    train_cfg: TrainConfig | None = None  # the step's config (train step only)
+    real_step: Callable[[], Any] | None = None  # a step on real tiles + ColorAugment
+    augment_timer: TimedAugment | None = None
+    optimizer: torch.optim.Optimizer | None = None
+
+
+def count_both(work, batch: dict, b: int, vit, checkpointing: bool) -> dict[bool, float]:
+    """Model FLOPs, and the hardware FLOPs with recomputation where some row checkpoints."""
+    flops = {False: count_flops(work, batch, b, vit)}
+    if checkpointing:
+        flops[True] = count_flops(work, batch, b, vit, checkpointing=True)
+    return flops
+
+
+def setup_train_step(args, gpu: bool, checkpointing: bool) -> Bench:
+    """The real trainer on the synthetic batch (and on real tiles when ``--data`` is given)."""
     from midnight_train.loop.trainer import Trainer
 
-    data = BenchData(batch_size=args.batch, global_crop_size=args.global_size,
-                     local_crop_size=args.local_size, n_local_crops=args.n_local)
+    data = bench_data(args)
     trainer = Trainer(build_config(args, gpu, data), make_loader=SyntheticLoader,
                       augment=identity_augment)
     trainer.loader = SyntheticLoader(data, seed=0, rank=0, world_size=1)
@@ -201,16 +259,24 @@ def setup_train_step(args, gpu: bool):
             losses, _ = trainer.objective(student, trainer.teacher, one, 0.07)
         losses["loss"].backward()
 
-    flops = count_flops(model_work, device_batch, args.batch, student.backbone.vit)
+    flops = count_both(model_work, device_batch, args.batch, student.backbone.vit, checkpointing)
     student.zero_grad(set_to_none=True)
-    return (lambda: trainer.train_step(batches, 0, stop_requested=lambda: False, loader=trainer.loader).metrics), flops
+
+    def step():
+        return trainer.train_step(batches, 0, stop_requested=lambda: False,
+                                  loader=trainer.loader).metrics
+
+    bench = Bench(step, flops, student.backbone.vit, student, trainer.train_step.cfg,
+                  optimizer=trainer.optimizer)
+    if args.data:
+        bench.real_step, bench.augment_timer = real_batch_step(trainer, args, gpu)
+    return bench
 
 
-def setup_backbone_only(args, gpu: bool):
+def setup_backbone_only(args, gpu: bool, checkpointing: bool) -> Bench:
     """Teacher backbone forward (global crops) + student backbone forward + backward (all crops),
     nothing else."""
-    data = BenchData(batch_size=args.batch, global_crop_size=args.global_size,
-                     local_crop_size=args.local_size, n_local_crops=args.n_local)
+    data = bench_data(args)
     cfg = build_config(args, gpu, data)
     device = torch.device("cuda" if gpu else "cpu")
     torch.manual_seed(0)
@@ -234,19 +300,62 @@ def setup_backbone_only(args, gpu: bool):
         work(batch)
         student.zero_grad(set_to_none=True)
 
-    flops = count_flops(work, batch, args.batch, student.vit)
+    flops = count_both(work, batch, args.batch, student.vit, checkpointing)
     student.zero_grad(set_to_none=True)
-    return step, flops
+    return Bench(step, flops, student.vit, student)
 
 
-def run_one(args) -> dict:
-    gpu = torch.cuda.is_available() and not args.cpu
-    setup = setup_backbone_only if args.mode == "backbone" else setup_train_step
-    step, flops = setup(args, gpu)
+# ----------------------------------------------------------------------------- real tiles
+
+
+def real_batch_step(trainer, args, gpu: bool):
+    """(a train step on real tiles through ColorAugment on the device, its augment timer)."""
+    from midnight_train.method.augment import AugmentConfig, ColorAugment
+
+    real = RealBatches(args.data, bench_data(args))
+    timer = TimedAugment(ColorAugment(AugmentConfig()), gpu)
+
+    def step():
+        trainer.train_step.augment = timer  # the step augments what the loader gave, as in fit
+        try:
+            return trainer.train_step(real, 0, stop_requested=lambda: False,
+                                      loader=real).metrics
+        finally:
+            trainer.train_step.augment = identity_augment
+
+    return step, timer
+
+
+# ----------------------------------------------------------------------------- one row
+
+
+def set_keep_gathered(student: torch.nn.Module, keep: bool) -> None:
+    """``train.fsdp_keep_gathered`` at run time: the student's FSDP units keep their gathered
+    weights from forward to backward, or reshard after each forward. The root is left as the
+    trainer leaves it (FSDP's default for a root: never resharded after forward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in student.modules():
+        if isinstance(module, FSDPModule) and module is not student:
+            module.set_reshard_after_forward(not keep, recurse=False)
+
+
+def drop_step_memory(bench: Bench) -> None:
+    """After an out-of-memory error mid-step: gradients, gathered weights and the allocator's
+    cache go, so that the next configuration starts from the weights and optimiser state."""
+    if bench.optimizer is not None:
+        bench.optimizer.zero_grad(set_to_none=True)
+    bench.student.zero_grad(set_to_none=True)
+    for module in bench.student.modules():
+        if hasattr(module, "reshard"):  # FSDP2 units the interrupted pass left gathered
+            module.reshard()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def time_steps(step, args, gpu: bool) -> dict:
+    """``args.warmup`` steps, then up to ``args.steps`` timed ones (``--max-seconds``)."""
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    if gpu:
-        sync()
-        torch.cuda.reset_peak_memory_stats()
     finite = True  # every loss term and the gradient norm of every step (train step mode)
 
     def check(metrics) -> None:
@@ -268,27 +377,98 @@ def run_one(args) -> dict:
         if args.max_seconds and time.perf_counter() - began > args.max_seconds:
             break  # enough for a median; keeps a time-boxed check in its box
     step_s = statistics.median(times)
+    return {"finite": finite, "steps": len(times), "step_s": round(step_s, 4),
+            "step_s_min": round(min(times), 4), "step_s_max": round(max(times), 4),
+            "images_per_s": round(args.batch / step_s, 2)}
+
+
+def describe(args, variant: str, checkpointing: bool, keep: bool, real: bool, gpu: bool) -> dict:
     device = torch.cuda.get_device_name() if gpu else "cpu"
-    result = {"arch": args.arch, "mode": args.mode, "device": device,
-              "threads": torch.get_num_threads(), "batch": args.batch,
-              "crops": f"2x{args.global_size} + {args.n_local}x{args.local_size}",
-              "precision": "bf16" if gpu else "fp32", "checkpointing": args.checkpointing,
-              "fsdp": args.fsdp, "prototypes": args.prototypes, "finite": finite,
-              "steps": len(times), "step_s": round(step_s, 4),
-              "step_s_min": round(min(times), 4), "step_s_max": round(max(times), 4),
-              "images_per_s": round(args.batch / step_s, 2),
-              "tflop_per_step": round(flops / 1e12, 4),
-              "achieved_tflops": round(flops / step_s / 1e12, 4)}
+    row = {"arch": args.arch, "mode": args.mode, "variant": variant, "device": device,
+           "threads": torch.get_num_threads(), "batch": args.batch,
+           "crops": f"2x{args.global_size} + {args.n_local}x{args.local_size}",
+           "precision": "bf16" if gpu else "fp32", "checkpointing": checkpointing,
+           "fsdp": args.fsdp, "prototypes": args.prototypes,
+           "batch_source": "real tiles + ColorAugment" if real else "synthetic"}
+    if args.fsdp:
+        row["keep_gathered"] = keep
+    return row
+
+
+def tflop(flops: float) -> float:
+    return float(f"{flops / 1e12:.4g}")  # 4 digits: a tiny dry-run model's too
+
+
+def flop_figures(bench: Bench, row: dict, args, gpu: bool) -> dict:
+    """FLOPs per step and MFU: model FLOPs, and with the recomputed forwards (hardware FLOPs)
+    where this configuration checkpoints."""
+    model = bench.flops[False]
+    hardware = bench.flops[True] if row["checkpointing"] else model
+    step_s = row["step_s"]
+    out = {"tflop_per_step": tflop(model), "tflop_per_step_recompute": tflop(hardware),
+           "achieved_tflops": tflop(model / step_s)}
+    peak = (args.peak_tflops or peak_tflops(row["device"])) if gpu else None
+    if peak:
+        out.update(peak_tflops=peak, mfu=round(model / step_s / (peak * 1e12), 4),
+                   mfu_recompute=round(hardware / step_s / (peak * 1e12), 4))
+    return out
+
+
+def measure(bench: Bench, args, gpu: bool, variant: str, probes: bool) -> dict:
+    """One configuration of the built model: its row (``"oom": true`` if it did not fit)."""
+    settings = VARIANTS[variant]
+    checkpointing = settings.get("checkpointing", args.checkpointing)
+    keep = settings.get("keep_gathered", True)
+    real = settings.get("real_batch", False)
+    row = describe(args, variant, checkpointing, keep, real, gpu)
+    if real and bench.real_step is None:
+        raise SystemExit(f"variant {variant}: needs --data (shards) and --mode step")
+    bench.vit.set_grad_checkpointing(checkpointing)
+    if args.fsdp:
+        set_keep_gathered(bench.student, keep)
+    step = bench.real_step if real else bench.step
     if gpu:
-        result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        peak = args.peak_tflops or peak_tflops(device)
-        if peak:
-            result["peak_tflops"] = peak
-            result["mfu"] = round(flops / step_s / (peak * 1e12), 4)
+        torch.cuda.empty_cache()  # the reserved peak is this configuration's, not the last one's
+        torch.cuda.reset_peak_memory_stats()
+    oom = None
+    try:
+        row.update(time_steps(step, args, gpu))
+    except torch.cuda.OutOfMemoryError as err:
+        # Only the message outlives the except block: the traceback holds the step's tensors.
+        oom = (str(err).splitlines() or ["CUDA out of memory"])[0][:200]
+    if oom is not None:
+        drop_step_memory(bench)
+        return {**row, "oom": True, "error": oom}
+    row.update(flop_figures(bench, row, args, gpu))
+    if real:
+        augment_s = statistics.median(bench.augment_timer.seconds(row["steps"]))
+        row.update(augment_ms=round(augment_s * 1e3, 3),
+                   augment_share=round(augment_s / row["step_s"], 4))
+    if gpu:
+        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        row["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     else:
-        result["peak_rss_gib"] = round(
+        row["peak_rss_gib"] = round(
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
-    return result
+    if probes:
+        row.update(sdpa_backend(step, gpu))
+        row.update(host_syncs(step, bench.train_cfg) if gpu and bench.train_cfg else
+                   {"host_syncs": None, "host_syncs_logged": None})
+    return row
+
+
+def run_rows(args):
+    """Build the model once, then yield one row per ``--variants`` configuration."""
+    gpu = torch.cuda.is_available() and not args.cpu
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown --variants {unknown}: choose from {list(VARIANTS)}")
+    checkpointing = any(VARIANTS[v].get("checkpointing", args.checkpointing) for v in variants)
+    setup = setup_backbone_only if args.mode == "backbone" else setup_train_step
+    bench = setup(args, gpu, checkpointing)
+    for i, variant in enumerate(variants):
+        yield measure(bench, args, gpu, variant, probes=i == 0)
 
 
 # ----------------------------------------------------------------------------- suite
@@ -331,7 +511,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--gpu", action="store_true", help="the GPU suite (needs CUDA)")
     parser.add_argument("--quick", action="store_true", help="fewer warm-up and timed steps")
-    parser.add_argument("--arch", help="one configuration (prints one JSON line)")
+    parser.add_argument("--arch", help="one model (prints one JSON line per variant)")
+    parser.add_argument("--variants", default="default",
+                        help=f"comma-separated configurations of that model, measured in one "
+                             f"process in this order: {', '.join(VARIANTS)}")
+    parser.add_argument("--data", type=Path,
+                        help="shards for the 'augment' variant (real tiles + ColorAugment)")
     parser.add_argument("--mode", choices=["step", "backbone"], default="step")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--global-size", type=int, default=224)
@@ -357,7 +542,8 @@ def main() -> None:
     if args.warmup is None:
         args.warmup = (2 if args.quick else 3) if gpu_run else 1
     if args.arch:
-        print(json.dumps(run_one(args)), flush=True)
+        for row in run_rows(args):  # each row as soon as it is measured (a time box may end)
+            print(json.dumps(row), flush=True)
         return
 
     timing = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
