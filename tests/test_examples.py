@@ -58,3 +58,15 @@ def test_paper_models_train_from_slides_and_the_ablation_from_shards(tmp_path, c
         tiles = [sampler.draw() for _ in range(4)]
     assert all(t.rgb.shape == (256, 256, 3) and t.mpp in (2, 1, 0.5) for t in tiles)
     assert list(tmp_path.glob("*.npz"))  # the mask went to the cache directory
+
+
+def test_gpu_configs_log_every_20_steps_and_checkpoint_activations_where_measured():
+    """Set by measurement (BENCHMARKS.md, "Training step memory"): ViT-g/14 at 224 px fits an
+    80 GB GPU without activation checkpointing (43 GiB traced), the 392 px stage does not
+    comfortably (57.5 GiB); logging gathers from every process, so GPU runs log every 20 steps."""
+    cfgs = {p.stem: load_config(p, ["data.shards=/data/x.tar"]) for p in EXAMPLES}
+    gpu = {name: c for name, c in cfgs.items() if name != "tiny-cpu"}
+    assert all(c.train.log_every >= 20 for c in gpu.values())
+    assert {name: c.model.grad_checkpointing for name, c in gpu.items()
+            if "giant" in c.model.arch} == {"midnight-12k": False, "midnight-92k": False,
+                                            "tcga-100M": False, "midnight-highres": True}

@@ -63,3 +63,23 @@ def test_fsdp_gathers_each_student_block_once_per_micro_step():
     # Hybrid with one process per group: whole copies, gradients all-reduced, nothing gathered.
     assert "allgather_base" not in hybrid["ops"] and "reduce_scatter_base" not in hybrid["ops"]
     assert hybrid["ops"]["allreduce"] > kept["ops"]["allreduce"]
+
+
+def test_traced_step_memory_sorts_the_peak_and_counts_the_recomputation(tmp_path):
+    """bench/step_memory.py on a small ViT: the trace allocates nothing, activation
+    checkpointing shrinks the activations and adds the recomputed forwards to the FLOPs."""
+    small = ["data.shards=unused", "model.timm_kwargs={embed_dim: 192, depth: 4, num_heads: 3}",
+             "model.img_size=112", "data.global_crop_size=112", "data.local_crop_size=56",
+             "data.batch_size=8"]
+    done = subprocess.run([sys.executable, "bench/step_memory.py", "examples/tiny-cpu.yaml",
+                           *small], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.splitlines()[-1])
+    on, off = rows["checkpointing"], rows["no_checkpointing"]
+    assert on["forward_backward"]["activations"] < off["forward_backward"]["activations"]
+    assert on["forward_backward"]["gflop_per_sample"] > off["forward_backward"]["gflop_per_sample"]
+    assert on["forward_backward"]["parameters"] == off["forward_backward"]["parameters"] > 0
+    step = on["optimizer_step"]  # AdamW's two moments per student parameter, made at step 1
+    assert step["optimizer"] >= step["gradients"] > 0
+    assert on["peak_mib"] == max(on["forward_backward"]["total"], step["total"])

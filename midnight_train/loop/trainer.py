@@ -11,7 +11,8 @@ module:
 - ``signals``: SIGTERM/SIGUSR1 -> a checkpoint at a step every process agrees on, exit 75;
 - ``step``: one optimiser step, read as the recipe (batch -> augment -> forward -> losses ->
   backward -> clip -> step -> EMA -> log);
-- ``watch``: a warning when the loader starves the step.
+- ``watch``: a warning when the loader starves the step;
+- ``kernels``: ``train.compile`` and ``train.deterministic``.
 
 The loop: for each optimiser step, the step, then periodic evaluation (``eval:``), metrics,
 checkpoints, and the stop decision. Activation checkpointing (``model.grad_checkpointing``) is
