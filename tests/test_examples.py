@@ -70,3 +70,9 @@ def test_gpu_configs_log_every_20_steps_and_checkpoint_activations_where_measure
     assert {name: c.model.grad_checkpointing for name, c in gpu.items()
             if "giant" in c.model.arch} == {"midnight-12k": False, "midnight-92k": False,
                                             "tcga-100M": False, "midnight-highres": True}
+
+
+def test_vitg_configs_drop_paths_uniformly_as_dinov2():
+    giant = [load_config(p, ["data.shards=/data/x.tar"]).model for p in EXAMPLES]
+    giant = [m for m in giant if "giant" in m.arch]
+    assert len(giant) == 4 and all(m.drop_path_uniform and m.drop_path_rate == 0.4 for m in giant)

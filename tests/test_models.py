@@ -100,6 +100,28 @@ def test_backbone_masking_and_heads():
     assert isinstance(net.backbone, Backbone)
 
 
+def test_drop_path_uniform_gives_every_block_the_rate_as_dinov2():
+    """DINOv2's ViT-g config: drop_path_uniform, rate 0.4 in every block; timm's default is a
+    linear 0 -> 0.4 (mean 0.2, half the stochastic depth)."""
+    deep = {**TINY, "depth": 5}
+
+    def rates(uniform: bool) -> list[float]:
+        vit = create_vit(ModelConfig(img_size=28, timm_kwargs=deep, drop_path_rate=0.4,
+                                     drop_path_uniform=uniform))
+        return [getattr(getattr(b, name), "drop_prob", 0.0) for b in vit.blocks
+                for name in ("drop_path1", "drop_path2")]
+
+    assert rates(True) == pytest.approx([0.4] * 10)
+    assert rates(False) == pytest.approx([r for r in (0.0, 0.1, 0.2, 0.3, 0.4) for _ in (0, 1)])
+    # in training mode a uniform rate drops whole residual branches of some images
+    torch.manual_seed(0)
+    vit = create_vit(ModelConfig(img_size=28, timm_kwargs=deep, drop_path_rate=0.4,
+                                 drop_path_uniform=True)).train()
+    x = torch.randn(64, 5, TINY["embed_dim"])
+    kept = (vit.blocks[0].drop_path1(x) != 0).flatten(1).any(1).float().mean()
+    assert 0.45 < kept < 0.75
+
+
 def test_grad_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     cfg = ModelConfig(img_size=28, timm_kwargs=TINY, drop_path_rate=0.0, layer_scale_init=1.0)

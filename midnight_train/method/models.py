@@ -10,6 +10,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import DropPath
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import nn
@@ -24,6 +25,9 @@ class ModelConfig:
     arch: str = "vit_small_patch14_dinov2"
     img_size: int = 224  # global crop size: the size of the position-embedding grid
     drop_path_rate: float = 0.1
+    # the same stochastic-depth rate in every block, as DINOv2's ViT-g/L configs
+    # (drop_path_uniform); false: timm's linear 0 -> rate over the blocks (half the mean)
+    drop_path_uniform: bool = False
     layer_scale_init: float = 1e-5
     timm_kwargs: dict[str, Any] = field(default_factory=dict)
     pretrained: str | None = None  # local path of DINOv2 weights (.pth / .safetensors)
@@ -47,6 +51,10 @@ def create_vit(cfg: ModelConfig) -> VisionTransformer:
                               **timm_kwargs(cfg))
     if not isinstance(model, VisionTransformer):
         raise ValueError(f"{cfg.arch} is not a timm VisionTransformer")
+    if cfg.drop_path_uniform and cfg.drop_path_rate > 0:
+        for block in model.blocks:
+            block.drop_path1 = DropPath(cfg.drop_path_rate)
+            block.drop_path2 = DropPath(cfg.drop_path_rate)
     if cfg.pretrained:
         load_dinov2_weights(model, cfg.pretrained)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
