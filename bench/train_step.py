@@ -210,7 +210,7 @@ def build_config(args, gpu: bool, data: BenchData) -> Config:
                           ibot_n_prototypes=args.prototypes,
                           head_bottleneck_dim=384 if giant else 256,
                           **(TINY if args.tiny else {})),
-        loss=LossConfig(kde_weight=0.1),
+        loss=LossConfig(kde_weight=0.05),
         train=TrainConfig(max_steps=1000, tensorboard=False, progress=False, cpu=not gpu,
                           mixed_precision="bf16" if gpu else "no", fsdp=args.fsdp))
 

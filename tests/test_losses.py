@@ -113,3 +113,31 @@ def test_ibot_weights_make_each_masked_image_count_once():
     student = torch.zeros(3, k)  # uniform prediction: CE = log k on every patch
     loss = ibot_loss(student, teacher, w, n_images=3, student_temp=0.1)
     assert math.isclose(float(loss), 2 * math.log(k) / 3, rel_tol=1e-6)
+
+
+def test_regularisers_are_weighted_sums_over_the_two_global_crops_as_dinov2():
+    """DINOv2 adds koleo_loss_weight x (KoLeo of global crop 1 + that of crop 2); KDE the same
+    way here, so loss.kde_weight 0.05 is the former 0.1 x their mean."""
+    from midnight_train.data.masking import masked_positions
+    from midnight_train.method.models import ModelConfig
+    from midnight_train.method.objective import LossConfig, SSLObjective
+    from midnight_train.method.student_teacher import build_student_teacher
+
+    torch.manual_seed(0)
+    model = ModelConfig(img_size=28, timm_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2},
+                        head_n_prototypes=16, head_hidden_dim=16, head_bottleneck_dim=8)
+    student, teacher = build_student_teacher(model)
+    loss = LossConfig(dino_weight=0.0, ibot_weight=0.0, kde_weight=0.3, koleo_weight=0.2,
+                      kde_gather=False)
+    masks = torch.zeros(8, 4, dtype=torch.bool)
+    masks[0, :2] = True
+    indices, weights = masked_positions(masks.numpy())
+    batch = {"global_crops": torch.randn(8, 3, 28, 28), "local_crops": torch.randn(8, 3, 14, 14),
+             "masks": masks, "mask_indices": torch.from_numpy(indices),
+             "mask_weights": torch.from_numpy(weights)}
+    losses, _ = SSLObjective(model, loss)(student.eval(), teacher, batch, 0.07)
+    crop1, crop2 = student(batch["global_crops"], None, masks)["cls"].chunk(2)
+    kde = kde_loss(crop1, 5.0, False) + kde_loss(crop2, 5.0, False)
+    koleo = koleo_loss(crop1) + koleo_loss(crop2)
+    assert torch.allclose(losses["loss_kde"], kde) and torch.allclose(losses["loss_koleo"], koleo)
+    assert torch.allclose(losses["loss"], 0.3 * kde + 0.2 * koleo)

@@ -28,6 +28,8 @@ class LossConfig:
 
     dino_weight: float = 1.0
     ibot_weight: float = 1.0
+    # Both regularisers: weight x (the term of global crop 1 + that of global crop 2), DINOv2's
+    # convention for KoLeo (not the mean of the two: 0.05 here is 0.1 x their mean)
     kde_weight: float = 0.0  # Midnight: KDE uniformity on the student CLS of each global crop
     kde_kappa: float = 5.0
     kde_gather: bool = True  # estimate the density over all ranks' embeddings
@@ -85,9 +87,11 @@ class SSLObjective(nn.Module):
         l_ibot = ibot_loss(s["ibot_logits"], t_ibot, batch["mask_weights"], n_images,
                            cfg.student_temp)
 
-        crops = s["cls"].chunk(2)  # the regularisers compare different images of one view
-        l_kde = sum(kde_loss(c, cfg.kde_kappa, cfg.kde_gather) for c in crops) / len(crops)
-        l_koleo = sum(koleo_loss(c) for c in crops) / len(crops)
+        # The regularisers compare different images of one view, and are summed over the two
+        # global crops as DINOv2 sums KoLeo (its koleo_loss_weight 0.1 means 0.1 x that sum).
+        crops = s["cls"].chunk(2)
+        l_kde = sum(kde_loss(c, cfg.kde_kappa, cfg.kde_gather) for c in crops)
+        l_koleo = sum(koleo_loss(c) for c in crops)
 
         total = (cfg.dino_weight * l_dino + cfg.ibot_weight * l_ibot
                  + cfg.kde_weight * l_kde + cfg.koleo_weight * l_koleo)
