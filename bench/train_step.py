@@ -209,6 +209,7 @@ def build_config(args, gpu: bool, data: BenchData) -> Config:
                           head_n_prototypes=args.prototypes, ibot_separate_head=giant,
                           ibot_n_prototypes=args.prototypes,
                           head_bottleneck_dim=384 if giant else 256,
+                          ibot_bottleneck_dim=256,
                           **(TINY if args.tiny else {})),
         loss=LossConfig(kde_weight=0.05),
         train=TrainConfig(max_steps=1000, tensorboard=False, progress=False, cpu=not gpu,

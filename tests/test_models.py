@@ -122,6 +122,17 @@ def test_drop_path_uniform_gives_every_block_the_rate_as_dinov2():
     assert 0.45 < kept < 0.75
 
 
+def test_ibot_head_keeps_its_own_bottleneck_as_dinov2_vitg():
+    cfg = ModelConfig(img_size=28, timm_kwargs=TINY, head_n_prototypes=16, head_hidden_dim=24,
+                      head_bottleneck_dim=12, ibot_separate_head=True, ibot_n_prototypes=10,
+                      ibot_bottleneck_dim=8)
+    net = SSLNetwork(cfg)
+    assert net.dino_head.last_layer.weight.shape == (16, 12)
+    assert net.ibot_head.last_layer.weight.shape == (10, 8)
+    cfg.ibot_bottleneck_dim = None  # the DINO head's, as before
+    assert SSLNetwork(cfg).ibot_head.last_layer.weight.shape == (10, 12)
+
+
 def test_grad_checkpointing_gives_same_gradients():
     torch.manual_seed(0)
     cfg = ModelConfig(img_size=28, timm_kwargs=TINY, drop_path_rate=0.0, layer_scale_init=1.0)

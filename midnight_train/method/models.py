@@ -38,6 +38,9 @@ class ModelConfig:
     head_nlayers: int = 3
     ibot_separate_head: bool = False
     ibot_n_prototypes: int = 65536  # used only with a separate iBOT head
+    # the separate iBOT head's bottleneck (null: head_bottleneck_dim); DINOv2's ViT-g widens
+    # only the DINO head's (384) and keeps the iBOT head's at 256
+    ibot_bottleneck_dim: int | None = None
 
 
 def timm_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -161,7 +164,8 @@ class SSLNetwork(nn.Module):
         head = dict(hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim,
                     nlayers=cfg.head_nlayers)
         self.dino_head = DINOHead(dim, cfg.head_n_prototypes, **head)
-        self.ibot_head = (DINOHead(dim, cfg.ibot_n_prototypes, **head)
+        ibot_head = {**head, "bottleneck_dim": cfg.ibot_bottleneck_dim or cfg.head_bottleneck_dim}
+        self.ibot_head = (DINOHead(dim, cfg.ibot_n_prototypes, **ibot_head)
                           if cfg.ibot_separate_head else None)
 
     def ibot(self, tokens: torch.Tensor) -> torch.Tensor:
