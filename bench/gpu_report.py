@@ -123,41 +123,47 @@ def markdown(results: dict) -> str:
         failed = failed_row(name, r)
         if failed:  # after the rows it measured before it failed
             lines.append(failed)
-    a = c.get("augment")
-    if a is not None and not failed_row("augment", a):
-        for key, r in a.items():
-            if not key.startswith("batch"):
-                continue
-            model = "vitg" if key == "batch12" else "vitb"
-            step = main_row(c.get(model, {}).get("rows", [])).get("step_s")
-            aug_s = r["ms_per_batch"] / 1e3
-            note = ""
-            if step:
-                share = aug_s / (step + aug_s)
-                note = (f"{share:.1%} of a {'ViT-g' if model == 'vitg' else 'ViT-B'} step with "
-                        f"it (target < 5 %: {verdict(share, TARGETS['augment_share'], False)})")
-            lines.append(f"| ColorAugment (HED, colour, grey, blur, solarize), batch "
-                         f"{key[5:]} = {r['crops']} crops | {aug_s:.4f} | "
-                         f"{r['crops_per_s']:.0f} crops/s | - | - | - | {note} |")
-    elif a is not None:
-        lines.append(failed_row("ColorAugment on the device", a))
-    p = c.get("pipeline")
-    if p is not None and not failed_row("full pipeline", p):
-        lines.append(f"| `midnight_train fit` on real shards, {p['model']}, batch {p['batch']}, "
-                     f"{p['workers']} loader workers, {p['steps']} steps | {p['step_s']:.3f} | "
-                     f"{p['images_per_s_median']:.1f} | - | - | {'yes' if p['finite'] else 'NO'} "
-                     f"| waiting for data: {p['data_wait_share']:.1%} of the step (target < 5 %: "
-                     f"{verdict(p['data_wait_share'], TARGETS['data_wait_share'], False)}); "
-                     f"export {p['export']} |")
-    elif p is not None:
-        lines.append(failed_row("full pipeline", p))
-    q = c.get("preempt")
-    if q is not None and not failed_row("preemption", q):
-        lines.append(f"| `accelerate launch --use_fsdp`: SIGTERM at step {q['stopped_at']} "
-                     f"(exit {q['signal_exit']}), then resume=auto | - | - | - | - | - | "
-                     f"checkpoint {', '.join(q['sharded_files'])}; steps {q['steps'][0]}-"
-                     f"{q['steps'][1]} {'contiguous' if q['contiguous'] else 'NOT contiguous'}; "
-                     f"export {q.get('export', '-')} |")
-    elif q is not None:
-        lines.append(failed_row("preemption", q))
+    for key, name, rows_of in (("augment", "ColorAugment on the device", augment_rows),
+                               ("pipeline", "full pipeline", pipeline_rows),
+                               ("preempt", "preemption", preempt_rows)):
+        r = c.get(key)
+        if r is not None:
+            failed = failed_row(name, r)
+            lines.extend([failed] if failed else rows_of(r, c))
     return "\n".join(lines) + "\n"
+
+
+def augment_rows(a: dict, c: dict) -> list[str]:
+    lines = []
+    for key, r in a.items():
+        if not key.startswith("batch"):
+            continue
+        model = "vitg" if key == "batch12" else "vitb"
+        step = main_row(c.get(model, {}).get("rows", [])).get("step_s")
+        aug_s = r["ms_per_batch"] / 1e3
+        note = ""
+        if step:
+            share = aug_s / (step + aug_s)
+            note = (f"{share:.1%} of a {'ViT-g' if model == 'vitg' else 'ViT-B'} step with "
+                    f"it (target < 5 %: {verdict(share, TARGETS['augment_share'], False)})")
+        lines.append(f"| ColorAugment (HED, colour, grey, blur, solarize), batch "
+                     f"{key[5:]} = {r['crops']} crops | {aug_s:.4f} | "
+                     f"{r['crops_per_s']:.0f} crops/s | - | - | - | {note} |")
+    return lines
+
+
+def pipeline_rows(p: dict, c: dict) -> list[str]:
+    return [f"| `midnight_train fit` on real shards, {p['model']}, batch {p['batch']}, "
+            f"{p['workers']} loader workers, {p['steps']} steps | {p['step_s']:.3f} | "
+            f"{p['images_per_s_median']:.1f} | - | - | {'yes' if p['finite'] else 'NO'} "
+            f"| waiting for data: {p['data_wait_share']:.1%} of the step (target < 5 %: "
+            f"{verdict(p['data_wait_share'], TARGETS['data_wait_share'], False)}); "
+            f"export {p['export']} |"]
+
+
+def preempt_rows(q: dict, c: dict) -> list[str]:
+    return [f"| `accelerate launch --use_fsdp`: SIGTERM at step {q['stopped_at']} "
+            f"(exit {q['signal_exit']}), then resume=auto | - | - | - | - | - | "
+            f"checkpoint {', '.join(q['sharded_files'])}; steps {q['steps'][0]}-"
+            f"{q['steps'][1]} {'contiguous' if q['contiguous'] else 'NOT contiguous'}; "
+            f"export {q.get('export', '-')} |"]

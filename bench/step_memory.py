@@ -99,7 +99,7 @@ def traced_step(cfg, checkpointing: bool, bf16: bool) -> dict:
             forward_backward()
         phases["forward_backward"]["gflop_per_sample"] = round(
             flops.get_total_flops() / cfg.data.batch_size / 1e9, 1)
-    return {**phases, "peak_mib": max(p["total"] for p in phases.values() if isinstance(p, dict))}
+    return {**phases, "peak_mib": max(p["total"] for p in phases.values())}
 
 
 def by_category(peak: dict[str, int]) -> dict[str, int]:

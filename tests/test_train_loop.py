@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -293,8 +294,6 @@ def test_deterministic_switch_sets_every_kernel_choice_and_trains_the_same(
     assert not torch.backends.cuda.flash_sdp_enabled()
     assert not torch.backends.cuda.mem_efficient_sdp_enabled()
     assert torch.backends.cuda.math_sdp_enabled()
-    import os
-
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     assert "deterministic kernels (train.deterministic=true)" in capsys.readouterr().out
     # on the CPU the default kernels are already repeatable: the same numbers either way
