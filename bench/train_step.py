@@ -82,7 +82,7 @@ from step_probes import RealBatches, TimedAugment, host_syncs, sdpa_backend  # n
 from midnight_train.config import Config, TrainConfig  # noqa: E402
 from midnight_train.data.masking import masked_positions  # noqa: E402
 from midnight_train.loop.step import LOSS_TERMS  # noqa: E402
-from midnight_train.method.models import Backbone, ModelConfig, create_vit  # noqa: E402
+from midnight_train.method.models import Backbone, ModelConfig  # noqa: E402
 from midnight_train.method.objective import LossConfig  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s; the first matching name wins.
@@ -281,7 +281,7 @@ def setup_backbone_only(args, gpu: bool, checkpointing: bool) -> Bench:
     cfg = build_config(args, gpu, data)
     device = torch.device("cuda" if gpu else "cpu")
     torch.manual_seed(0)
-    student = Backbone(create_vit(cfg.model)).to(device).train()
+    student = Backbone.from_config(cfg.model).to(device).train()
     teacher = copy.deepcopy(student).requires_grad_(False).eval()
     batch = {k: v.to(device) for k, v in
              SyntheticLoader(data, seed=0, rank=0, world_size=1).batch.items()}

@@ -15,7 +15,7 @@ from midnight_train.data.masking import masked_positions
 from midnight_train.method.models import Backbone, DINOHead, ModelConfig, SSLNetwork, create_vit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_fakes import make_trainer, tiny_config  # noqa: E402
+from train_fakes import make_trainer, tiny_config, tiny_model  # noqa: E402
 
 TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -27,7 +27,7 @@ def dinov2_layout(arch: str, kwargs: dict) -> dict[str, torch.Tensor]:
     src = timm.create_model(arch, pretrained=False, img_size=518, num_classes=0, **kwargs)
     state = {k: v.clone() for k, v in src.state_dict().items()}
     d = src.embed_dim
-    state["mask_token"] = torch.zeros(1, d)
+    state["mask_token"] = torch.randn(1, d)  # trained: not the zeros a fresh token starts from
     if "reg_token" in state:
         state["register_tokens"] = state.pop("reg_token")
         state["pos_embed"] = torch.cat([torch.zeros(1, 1, d), state["pos_embed"]], dim=1)
@@ -47,7 +47,9 @@ def test_load_dinov2_weights_interpolates_position_embedding(tmp_path, arch):
     path = tmp_path / "dinov2.pth"
     torch.save(state, path)
     cfg = ModelConfig(arch=arch, img_size=56, timm_kwargs=TINY, pretrained=str(path))
-    vit = create_vit(cfg)
+    backbone = Backbone.from_config(cfg)
+    vit = backbone.vit
+    assert torch.equal(backbone.mask_token, state["mask_token"][0])  # timm's converter drops it
     reg = "reg4" in arch
     grid = vit.pos_embed[:, 0 if reg else 1:]
     assert grid.shape[1] == 4 * 4
@@ -71,7 +73,7 @@ def test_wrong_weights_are_an_error(tmp_path):
     torch.save(dinov2_layout("vit_small_patch14_dinov2", {"embed_dim": 48, "depth": 1,
                                                           "num_heads": 2}), path)
     with pytest.raises((ValueError, RuntimeError)):
-        create_vit(ModelConfig(img_size=56, timm_kwargs=TINY, pretrained=str(path)))
+        Backbone.from_config(ModelConfig(img_size=56, timm_kwargs=TINY, pretrained=str(path)))
 
 
 def mask_index(masks: torch.Tensor) -> torch.Tensor:
@@ -158,7 +160,9 @@ def test_export_loads_in_plain_timm_and_embeds(tmp_path):
     assert meta["arch"] == "vit_small_patch14_dinov2"
     model = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
                               img_size=28, **TINY)
-    model.load_state_dict(load_file(str(out / "model.safetensors")))  # strict: every key matches
+    weights = load_file(str(out / "model.safetensors"))
+    assert torch.equal(weights.pop("mask_token")[0], trainer.teacher.backbone.mask_token)
+    model.load_state_dict(weights)  # strict: every other key matches
     model.eval()
     vit = trainer.teacher.backbone.vit
     for name, value in vit.state_dict().items():
@@ -172,7 +176,8 @@ def test_export_loads_in_plain_timm_and_embeds(tmp_path):
     out42 = export_backbone(tmp_path / "run", tmp_path / "m42", img_size=42)
     m42 = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
                             img_size=42, **TINY)
-    m42.load_state_dict(load_file(str(out42 / "model.safetensors")))
+    m42.load_state_dict({k: v for k, v in load_file(str(out42 / "model.safetensors")).items()
+                         if k != "mask_token"})
     # embed command path: images on disk -> .npz
     from PIL import Image
 
@@ -202,3 +207,60 @@ def test_shared_head_single_call_matches_separate_calls():
     none = torch.zeros_like(masks)
     no_mask = net(x, None, none, mask_index(none))  # no masked patch: empty iBOT rows
     assert no_mask["ibot_logits"].shape == (0, 16) and "dino_local_logits" not in no_mask
+
+
+def test_mask_token_survives_load_checkpoint_export_and_high_res_start(tmp_path):
+    """iBOT starts from the pretrained mask token (timm's converter drops it), trains it, keeps it
+    in checkpoints and exports (which plain timm still loads) and carries it into a start from
+    the export at another resolution."""
+    from midnight_train.loop import checkpoint
+    from midnight_train.outputs.export import export_backbone
+
+    kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+    state = dinov2_layout("vit_small_patch14_dinov2", kwargs)
+    path = tmp_path / "dinov2.pth"
+    torch.save(state, path)
+    trainer = make_trainer(tiny_config(tmp_path / "run", train={"max_steps": 2},
+                                       model={"pretrained": str(path)}))
+    pretrained = state["mask_token"][0]
+    for net in (trainer.student, trainer.teacher):
+        assert torch.equal(net.backbone.mask_token.detach(), pretrained)
+    trainer.fit()
+    trained = trainer.teacher.backbone.mask_token.detach().clone()
+    assert not torch.equal(trained, pretrained)  # it trains (masked patches reach the loss)
+    assert torch.allclose(trained, pretrained, atol=0.05)  # from the pretrained token, not zeros
+    saved = checkpoint.load(checkpoint.latest(tmp_path / "run"))
+    assert torch.equal(saved["teacher"]["backbone.mask_token"], trained)
+    out = export_backbone(tmp_path / "run", tmp_path / "export")
+    plain = timm.create_model(f"local-dir:{out}", pretrained=True)  # drops the token, loads
+    assert torch.equal(plain.pos_embed, trainer.teacher.backbone.vit.pos_embed)
+    high = Backbone.from_config(tiny_model(img_size=56, pretrained=str(out / "model.safetensors")))
+    assert torch.equal(high.mask_token.detach(), trained)
+    assert high.vit.pos_embed.shape[1] == 1 + 4 * 4
+
+
+def test_head_last_layer_has_dinov2s_trainable_gain_and_init():
+    """DINOv2's last layer: weight_norm(nn.Linear) with weight_g filled with 1 and trained (weight
+    decay, the last layer's lr and freezing), v with nn.Linear's default init (row norm
+    sqrt(1/3) = 0.577, not 0.02 * sqrt(bottleneck) = 0.39 at 384)."""
+    from midnight_train.method.student_teacher import param_groups
+
+    torch.manual_seed(0)
+    head = DINOHead(16, 4096, hidden_dim=32, bottleneck_dim=384)
+    rows = head.last_layer.weight.norm(dim=1)
+    assert rows.mean().item() == pytest.approx(3 ** -0.5, rel=0.02)
+    assert torch.equal(head.last_layer.weight_g, torch.ones(4096, 1))
+    # the same function as torch's weight norm with that v and g
+    ref = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(384, 4096, bias=False))
+    with torch.no_grad():
+        ref.parametrizations.weight.original0.copy_(head.last_layer.weight_g * 2)
+        ref.parametrizations.weight.original1.copy_(head.last_layer.weight)
+        head.last_layer.weight_g.mul_(2)
+    z = torch.nn.functional.normalize(torch.randn(5, 384), dim=-1)
+    assert torch.allclose(head.last_layer(z), ref(z), atol=1e-5)
+    head(torch.randn(5, 16)).square().sum().backward()
+    assert head.last_layer.weight_g.grad.abs().sum() > 0  # trainable
+    net = SSLNetwork(tiny_model())
+    by_name = {n: g for g in param_groups(net, 1.0, 0.2) for n in g["names"]}
+    gain = by_name["dino_head.last_layer.weight_g"]
+    assert gain["last_layer"] and gain["wd_mult"] == 1.0 and gain["lr_mult"] == 1.0

@@ -3,6 +3,7 @@ public DINOv2 weights from a local file (with position-embedding interpolation).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ def timm_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def create_vit(cfg: ModelConfig) -> VisionTransformer:
+    """The timm ViT of ``cfg``, randomly initialised (``Backbone.from_config`` loads
+    ``cfg.pretrained`` into it and into the mask token)."""
     model = timm.create_model(cfg.arch, pretrained=False, drop_path_rate=cfg.drop_path_rate,
                               **timm_kwargs(cfg))
     if not isinstance(model, VisionTransformer):
@@ -58,8 +61,6 @@ def create_vit(cfg: ModelConfig) -> VisionTransformer:
         for block in model.blocks:
             block.drop_path1 = DropPath(cfg.drop_path_rate)
             block.drop_path2 = DropPath(cfg.drop_path_rate)
-    if cfg.pretrained:
-        load_dinov2_weights(model, cfg.pretrained)
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     return model
 
@@ -77,21 +78,35 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_dinov2_weights(model: VisionTransformer, path: str | Path) -> None:
+MASK_TOKEN = "mask_token"  # the key in DINOv2's checkpoints and in our exports, shape [1, dim]
+
+
+def load_dinov2_weights(model: VisionTransformer, path: str | Path) -> torch.Tensor | None:
     """Load weights in the original DINOv2 layout (``mask_token``, ``register_tokens``, SwiGLU
-    ``w12``/``w3``, 37x37 position grid from 518 px) or in timm's layout into ``model``.
+    ``w12``/``w3``, 37x37 position grid from 518 px), in timm's layout (our exports) or a
+    training checkpoint's (``backbone.vit.*``) into ``model``; return the file's iBOT mask token
+    (``[dim]``), or None when it has none.
 
     timm's converter renames the keys and resamples the position embedding to the model's grid
-    (e.g. 37x37 -> 16x16 for 224 px crops) so that nothing is silently truncated or mismatched.
+    (e.g. 37x37 -> 16x16 for 224 px crops) so that nothing is silently truncated or mismatched;
+    it drops ``mask_token``, which is returned instead (iBOT then starts from the pretrained token,
+    as in DINOv2, not from zeros).
     """
     state = read_state_dict(path)
-    state = {k.removeprefix("backbone."): v for k, v in state.items()
+    state = {k.removeprefix("backbone.").removeprefix("vit."): v for k, v in state.items()
              if not k.startswith(("dino_head.", "ibot_head.", "head."))}
-    state = checkpoint_filter_fn(state, model)
+    mask_token = state.get(MASK_TOKEN)
+    state = checkpoint_filter_fn(state, model)  # its DINOv2 branch (keyed on mask_token) drops it
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(f"weights in {path} do not fit {type(model).__name__}: "
                          f"missing {missing[:8]}, unexpected {unexpected[:8]}")
+    if mask_token is None:
+        return None
+    if mask_token.numel() != model.embed_dim:
+        raise ValueError(f"weights in {path}: mask_token has {mask_token.numel()} values, the "
+                         f"model's embedding has {model.embed_dim}")
+    return mask_token.reshape(model.embed_dim).float()
 
 
 class Backbone(nn.Module):
@@ -102,6 +117,18 @@ class Backbone(nn.Module):
         self.vit = vit
         self.mask_token = nn.Parameter(torch.zeros(vit.embed_dim))
         self.num_prefix_tokens = vit.num_prefix_tokens  # CLS + registers
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> Backbone:
+        """The backbone of ``cfg``, with ``cfg.pretrained`` loaded into the ViT and the mask
+        token (a file without one, e.g. an export of an older version, leaves it at zero)."""
+        backbone = cls(create_vit(cfg))
+        if cfg.pretrained:
+            token = load_dinov2_weights(backbone.vit, cfg.pretrained)
+            if token is not None:
+                with torch.no_grad():
+                    backbone.mask_token.copy_(token)
+        return backbone
 
     @property
     def embed_dim(self) -> int:
@@ -125,12 +152,25 @@ class Backbone(nn.Module):
         return vit.norm(x)
 
 
-class DINOHead(nn.Module):
-    """MLP (nlayers, GELU) -> L2-normalised bottleneck -> weight-normalised linear prototypes.
+class WeightNormLinear(nn.Module):
+    """DINOv2's weight-normalised prototype layer, ``x @ (g * v / |v|).T`` (torch's weight_norm,
+    written out so that it needs no parametrisation: simple for FSDP and for freezing).
+    ``weight`` is v with nn.Linear's default init (DINOv2 makes this layer after its truncated-
+    normal init of the MLP); the gain ``weight_g`` [out, 1] starts at 1 and is trained, with
+    weight decay and the last layer's lr (its name holds ``last_layer``)."""
 
-    The last layer is ``x @ normalize(W).T``: weight normalisation with the gain fixed to 1, written
-    out so that it needs no parametrisation (simple for FSDP and for freezing).
-    """
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_dim, in_dim))
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear.reset_parameters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_g * F.normalize(self.weight, dim=-1, eps=1e-6))
+
+
+class DINOHead(nn.Module):
+    """MLP (nlayers, GELU) -> L2-normalised bottleneck -> weight-normalised linear prototypes."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048,
                  bottleneck_dim: int = 256, nlayers: int = 3):
@@ -142,24 +182,22 @@ class DINOHead(nn.Module):
             if i < len(dims) - 2:
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
-        self.last_layer = nn.Linear(bottleneck_dim, out_dim, bias=False)
         for m in self.mlp:
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        nn.init.trunc_normal_(self.last_layer.weight, std=0.02)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
-        return F.linear(x, F.normalize(self.last_layer.weight, dim=-1, eps=1e-6))
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1, eps=1e-6))
 
 
 class SSLNetwork(nn.Module):
     """Backbone + DINO head (+ separate iBOT head). One class for the student and the teacher."""
 
-    def __init__(self, cfg: ModelConfig, vit: VisionTransformer | None = None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.backbone = Backbone(vit if vit is not None else create_vit(cfg))
+        self.backbone = Backbone.from_config(cfg)
         dim = self.backbone.embed_dim
         head = dict(hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim,
                     nlayers=cfg.head_nlayers)

@@ -2,7 +2,9 @@
 layout, which plain timm loads without midnight:
 ``timm.create_model("local-dir:OUT_DIR", pretrained=True)``.
 
-OUT_DIR holds ``model.safetensors`` (the backbone; its string metadata also records ``arch``,
+OUT_DIR holds ``model.safetensors`` (the backbone, plus iBOT's trained ``mask_token`` [1, dim] as
+DINOv2's checkpoints store it: timm's loader drops it, a high-resolution start from the export
+takes it; its string metadata also records ``arch``,
 ``timm_kwargs``, ``mean``/``std``, ``step`` and ``which``, as single-file exports of earlier
 versions did), ``config.json`` (timm's: architecture, arguments, input size, normalisation),
 ``README.md`` (a model card) and ``training_config.json`` (the run's resolved config).
@@ -21,7 +23,7 @@ from timm.layers import resample_abs_pos_embed
 
 from midnight_train.loop import checkpoint as ckpt_io
 from midnight_train.loop.checkpoint import CheckpointError
-from midnight_train.method.models import ModelConfig, export_timm_kwargs
+from midnight_train.method.models import MASK_TOKEN, ModelConfig, export_timm_kwargs
 from midnight_train.outputs.model_card import model_card, timm_config
 from midnight_train.typed_yaml import build_dataclass
 
@@ -59,6 +61,9 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, which: str = "te
     model_cfg = build_dataclass(ModelConfig, state["config"]["model"], "model")
     weights = {k[len(PREFIX):]: v.float().contiguous() for k, v in state[which].items()
                if k.startswith(PREFIX)}
+    token = state[which].get(f"backbone.{MASK_TOKEN}")
+    if token is not None:  # absent only in checkpoints of the earliest versions
+        weights[MASK_TOKEN] = token.float().reshape(1, -1).contiguous()
     if img_size is not None and img_size != model_cfg.img_size:
         vit = timm.create_model(model_cfg.arch, pretrained=False,
                                 **{**export_timm_kwargs(model_cfg), "img_size": img_size})
@@ -82,7 +87,8 @@ def save_model_folder(out: str | Path, weights: dict[str, torch.Tensor], arch: s
     """The folder: weights (checked to load strictly into the timm model), timm's config.json,
     the model card and the training config."""
     model = timm.create_model(arch, pretrained=False, **timm_kwargs)
-    model.load_state_dict(weights)  # strict: every key fits, or the export is refused here
+    # strict: every key fits, or the export is refused here
+    model.load_state_dict({k: v for k, v in weights.items() if k != MASK_TOKEN})
     out = Path(out)
     if out.suffix == ".safetensors":
         raise ValueError(f"{out}: an export is a folder now (model.safetensors, config.json, "
@@ -121,5 +127,7 @@ def load_exported(path: str | Path, *, dynamic_img_size: bool = True) -> torch.n
         raise ValueError(f"{path}: no midnight export metadata (arch, timm_kwargs)")
     model = timm.create_model(meta["arch"], pretrained=False, dynamic_img_size=dynamic_img_size,
                               **json.loads(meta["timm_kwargs"]))
-    model.load_state_dict(load_file(str(weights_file(path))))
+    weights = load_file(str(weights_file(path)))
+    weights.pop(MASK_TOKEN, None)  # iBOT's, not the backbone's
+    model.load_state_dict(weights)
     return model.eval()
