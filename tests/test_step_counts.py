@@ -42,7 +42,8 @@ def test_a_step_waits_for_the_device_once():
     assert counts["augment"] == {}  # branch-free on the device
     assert counts["forward_losses_backward"] == {}  # masked patches by index from the loader
     assert counts["step"] == {".cpu()": 1, ".tolist()": 1}  # the reduced losses, once
-    assert counts["logged_step"] == {".cpu()": 1, ".tolist()": 1, "_local_scalar_dense": 1}
+    # + the per-part gradient norms, stacked: one copy
+    assert counts["logged_step"] == {".cpu()": 2, ".tolist()": 2}
 
 
 def test_fsdp_gathers_each_student_block_once_per_micro_step():

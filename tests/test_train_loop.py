@@ -12,7 +12,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_fakes import FakeLoader, fake_augment, make_trainer, tiny_config  # noqa: E402
+from train_fakes import FakeLoader, fake_augment, make_trainer, tiny_config, tiny_model  # noqa: E402
 
 from midnight_train.loop import checkpoint  # noqa: E402
 from midnight_train.loop.checkpoint import latest, list_checkpoints  # noqa: E402
@@ -298,3 +298,35 @@ def test_deterministic_switch_sets_every_kernel_choice_and_trains_the_same(
     assert "deterministic kernels (train.deterministic=true)" in capsys.readouterr().out
     # on the CPU the default kernels are already repeatable: the same numbers either way
     assert stable(read_metrics(tmp_path / "det")) == stable(read_metrics(tmp_path / "plain"))
+
+
+def test_gradients_are_clipped_per_part_as_dinov2(tmp_path):
+    """DINOv2 clips backbone, DINO head and iBOT head separately: large head gradients must not
+    shrink the backbone's update (one global norm scales it by 3 / 30 here)."""
+    from midnight_train.loop.step import clip_per_part, student_parts
+    from midnight_train.method.models import SSLNetwork
+
+    net = SSLNetwork(tiny_model(ibot_separate_head=True, ibot_n_prototypes=16))
+    parts = student_parts(net)
+    assert list(parts) == ["backbone", "dino_head", "ibot_head"]
+    assert sum(len(p) for p in parts.values()) == len(list(net.parameters()))
+    wanted = {"backbone": 2.0, "dino_head": 30.0, "ibot_head": 1.0}
+    for name, params in parts.items():
+        for p in params:
+            p.grad = torch.ones_like(p)
+        scale = wanted[name] / torch.cat([p.grad.flatten() for p in params]).norm()
+        for p in params:
+            p.grad.mul_(scale)
+    before = {n: [p.grad.clone() for p in ps] for n, ps in parts.items()}
+    norms = clip_per_part(parts, 3.0)
+    assert {n: round(v.item(), 4) for n, v in norms.items()} == wanted
+    for name, params in parts.items():
+        factor = min(1.0, 3.0 / wanted[name])
+        for p, g in zip(params, before[name], strict=True):
+            assert torch.allclose(p.grad, g * factor, rtol=1e-4), name
+    # a run logs each part's norm and their total
+    make_trainer(tiny_config(tmp_path, train={"max_steps": 2},
+                             model={"ibot_separate_head": True, "ibot_n_prototypes": 16})).fit()
+    for row in read_metrics(tmp_path):
+        parts_sq = sum(row[f"grad_norm_{n}"] ** 2 for n in ("backbone", "dino_head", "ibot_head"))
+        assert row["grad_norm"] == pytest.approx(parts_sq ** 0.5, rel=1e-5)

@@ -1,6 +1,6 @@
 """One optimiser step, read top to bottom as the recipe:
 
-    batch -> augment -> forward -> losses -> backward -> clip -> step -> EMA -> log
+    batch -> augment -> forward -> losses -> backward -> clip (per part) -> step -> EMA -> log
 
 ``grad_accum`` micro-batches (each: batch to the device, batched colour/HED augmentation,
 teacher and student forwards and the losses in ``SSLObjective``, backward), then gradient
@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from midnight_train.config import TrainConfig
 from midnight_train.loop import checkpoint
@@ -67,7 +69,7 @@ class TrainStep:
         n_losses = 0
         summed: torch.Tensor | None = None
         totals: list[float] = []
-        grad_norm = torch.zeros((), device=acc.device)
+        grad_norms: dict[str, torch.Tensor] = {}
         for _ in range(cfg.grad_accum):
             waiting = time.perf_counter()
             raw = next(batches)                                                  # batch
@@ -95,10 +97,10 @@ class TrainStep:
                     # Any non-finite micro-step makes the sum non-finite (nan/inf never cancel).
                     self._check_finite([v / cfg.grad_accum for v in totals[:n_losses]],
                                        names[:n_losses], step)
-                    grad_norm = acc.clip_grad_norm_(                              # clip
-                        nets.student.parameters(), cfg.clip_grad if cfg.clip_grad > 0 else math.inf)
-                    if isinstance(grad_norm, DTensor):  # sharded: the norm of all slices
-                        grad_norm = grad_norm.full_tensor()
+                    acc.unscale_gradients()  # fp16's loss scale, once for all parts
+                    grad_norms = clip_per_part(                                  # clip
+                        student_parts(acc.unwrap_model(nets.student)),
+                        cfg.clip_grad if cfg.clip_grad > 0 else math.inf)
                 nets.optimizer.step()                                            # step
                 nets.optimizer.zero_grad(set_to_none=True)
         ema_update(nets.teacher, acc.unwrap_model(nets.student), values.teacher_momentum,  # EMA
@@ -111,9 +113,10 @@ class TrainStep:
         metrics: dict[str, Any] = {"step": step}
         metrics.update({n: v / cfg.grad_accum for n, v in zip(names, totals[:-2], strict=True)})
         metrics.update(lr=values.lr, wd=values.wd, teacher_momentum=values.teacher_momentum,
-                       teacher_temp=values.teacher_temp, grad_norm=float(grad_norm),
+                       teacher_temp=values.teacher_temp,
                        samples_per_s=self.global_batch / max(step_s, 1e-9), step_s=step_s,
                        data_wait_s=result.data_wait_s)
+        metrics.update(norm_metrics(grad_norms))
         metrics.update(skip_counters(loader, acc.num_processes))
         result.metrics = metrics
         return result
@@ -128,6 +131,49 @@ class TrainStep:
             f"non-finite loss at step {step + 1}: {bad}. Stopping without writing a "
             f"checkpoint; the last good one is {last or 'none'}. Try a lower train.base_lr, "
             f"a longer train.warmup_steps or mixed_precision=no.")
+
+
+def student_parts(student) -> dict[str, list[torch.Tensor]]:
+    """The student's parameters by the parts DINOv2 clips separately: backbone, DINO head and
+    (when separate) iBOT head."""
+    parts = {"backbone": student.backbone, "dino_head": student.dino_head,
+             "ibot_head": student.ibot_head}
+    return {name: [p for p in module.parameters() if p.requires_grad]
+            for name, module in parts.items() if module is not None}
+
+
+def clip_per_part(parts: dict[str, list[torch.Tensor]],
+                  max_norm: float) -> dict[str, torch.Tensor]:
+    """Clip each part's gradients to ``max_norm`` on its own, as DINOv2 (one global norm would
+    let large head gradients shrink the backbone's update); returns each part's norm before
+    clipping, as a device tensor (no wait for the device). Sharded (FSDP2), a norm covers all
+    slices of the part."""
+    norms = {}
+    for name, params in parts.items():
+        by_mesh: dict[Any, list[torch.Tensor]] = defaultdict(list)  # FSDP2: one group per mesh
+        for p in params:
+            if p.grad is not None:
+                by_mesh[getattr(p.grad, "device_mesh", None)].append(p)
+        per_mesh = [get_total_norm([p.grad for p in group]) for group in by_mesh.values()]
+        per_mesh = [n.full_tensor() if isinstance(n, DTensor) else n for n in per_mesh]
+        if not per_mesh:
+            continue
+        norm = torch.linalg.vector_norm(torch.stack(per_mesh))
+        if math.isfinite(max_norm):
+            for group in by_mesh.values():
+                clip_grads_with_norm_(group, max_norm, norm)
+        norms[name] = norm
+    return norms
+
+
+def norm_metrics(norms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``grad_norm`` (all parts together) and ``grad_norm_<part>``, in one copy to the host."""
+    if not norms:
+        return {}
+    values = torch.stack([n.float() for n in norms.values()]).cpu().tolist()
+    out = {"grad_norm": math.sqrt(sum(v * v for v in values))}
+    out.update({f"grad_norm_{name}": v for name, v in zip(norms, values, strict=True)})
+    return out
 
 
 def skip_counters(loader, world_size: int) -> dict[str, int]:
