@@ -4,8 +4,9 @@ For a batch whose global crops are flattened crop-major to N = 2·B images:
 - `int(N · sample_probability)` of them get a mask; their target ratios are spread over the
   batch: image i draws its ratio uniformly from the i-th of that many equal sub-intervals of
   [ratio_min, ratio_max], so one batch covers the whole range;
-- each mask is grown from random rectangular blocks (area ≥ `min_patches`, aspect ratio
-  log-uniform in [0.3, 1/0.3]) until it reaches its target count, never exceeding
+- each mask is grown from random rectangular blocks (area uniform between `min_patches` and the
+  patches still to mask, as DINOv2 draws it also when fewer than `min_patches` remain; aspect
+  ratio log-uniform in [0.3, 1/0.3]) until it reaches its target count, never exceeding
   `max_fraction` of the patches (a block that would overshoot is redrawn, up to 10 tries);
 - the rest get empty masks, then the order of the N masks is shuffled.
 All randomness comes from the numpy Generator passed in, so a batch's masks are reproducible.
@@ -26,7 +27,10 @@ def _add_block(mask: np.ndarray, rng: np.random.Generator, max_new: int, min_pat
     """Mask one random block adding between 1 and max_new new patches; returns how many."""
     height, width = mask.shape
     for _ in range(10):
-        area = rng.uniform(min(min_patches, max_new), max_new)
+        # DINOv2's draw: area between min_patches and max_new even when max_new < min_patches
+        # (then in [max_new, min_patches]: a block that overlaps the mask, or none). Aiming at
+        # exactly max_new would end most masks in single-patch specks.
+        area = min_patches + (max_new - min_patches) * rng.random()
         aspect = math.exp(rng.uniform(*LOG_ASPECT))
         h = int(round(math.sqrt(area * aspect)))
         w = int(round(math.sqrt(area / aspect)))
