@@ -180,6 +180,16 @@ def test_blur_probabilities_are_dinov2s_intended_ones():
     assert g1 == 1.0 and abs(g2 - 0.1) < 0.025 and abs(loc - 0.5) < 0.03
 
 
+def test_blur_as_dinov2s_released_code_inverts_each_probability():
+    """DINOv2's released GaussianBlur(p) hands 1 - p to RandomApply: 0 / 0.9 / 0.5."""
+    cfg = dataclasses.replace(OFF, blur_p_global1=1.0, blur_p_global2=0.1, blur_p_local=0.5,
+                              blur_sigma=[1.0, 2.0], blur_convention="dinov2_released")
+    g1, g2, loc = fractions(cfg, differs)
+    assert g1 == 0.0 and abs(g2 - 0.9) < 0.025 and abs(loc - 0.5) < 0.03
+    with pytest.raises(ValueError, match="blur_convention"):
+        dataclasses.replace(cfg, blur_convention="inverted").blur_probabilities()
+
+
 def test_solarize_only_on_global_crop_2():
     cfg = dataclasses.replace(OFF, solarize_p_global2=0.2)
     g1, g2, loc = fractions(cfg, differs)

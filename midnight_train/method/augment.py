@@ -12,7 +12,9 @@ any camera/colour effect):
    random order per crop (as torchvision's ColorJitter);
 3. grayscale, p 0.2;
 4. Gaussian blur, σ ~ U(0.1, 2): p 1.0 on global crop 1, 0.1 on global crop 2, 0.5 on local
-   crops — the intended DINOv2 values (its code passes 1 − p to RandomApply);
+   crops — the intended DINOv2 values. DINOv2's released code passes 1 − p to RandomApply (a
+   known bug, fixed in later code): its weights, which we start from, were trained blurring
+   0 / 0.9 / 0.5; ``blur_convention: dinov2_released`` reproduces that;
 5. solarize (threshold 128/255), p 0.2 on global crop 2 only;
 6. normalise with mean/std.
 
@@ -86,11 +88,27 @@ class AugmentConfig:
     blur_p_global2: float = 0.1
     blur_p_local: float = 0.5
     blur_sigma: tuple[float, float] | list[float] = (0.1, 2.0)
+    # intended: blur with the three probabilities above; dinov2_released: with 1 - each, as
+    # DINOv2's released code does (0 / 0.9 / 0.5 for the defaults)
+    blur_convention: str = "intended"
     solarize_p_global2: float = 0.2
     # The published Midnight models' normalisation; ImageNet's is (0.485, 0.456, 0.406) /
     # (0.229, 0.224, 0.225). Exports record it, and `embed` / `eval` apply it.
     mean: tuple[float, float, float] | list[float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] | list[float] = (0.5, 0.5, 0.5)
+
+    def blur_probabilities(self) -> tuple[float, float, float]:
+        """The blur probabilities applied to global crop 1, global crop 2 and local crops."""
+        ps = (self.blur_p_global1, self.blur_p_global2, self.blur_p_local)
+        if self.blur_convention == "dinov2_released":
+            return tuple(1.0 - p for p in ps)  # type: ignore[return-value]
+        if self.blur_convention != "intended":
+            raise ValueError(f"augment.blur_convention={self.blur_convention!r} (must be "
+                             f"intended or dinov2_released)")
+        return ps
+
+
+BLUR_CONVENTIONS = ("intended", "dinov2_released")
 
 
 def _hed_log2_affine(alpha: torch.Tensor, beta: torch.Tensor, device: torch.device,
@@ -271,12 +289,13 @@ class ColorAugment:
         xg, xl = (x if x.dtype == torch.uint8 else x.float() / 255  # never in place: the batch's
                   for x in (g.flatten(0, 1).contiguous(), loc.flatten(0, 1).contiguous()))
         dev = generator.device
-        blur_g = torch.cat([torch.full((b,), cfg.blur_p_global1, device=dev),
-                            torch.full((b,), cfg.blur_p_global2, device=dev)])
+        blur1, blur2, blur_local = cfg.blur_probabilities()
+        blur_g = torch.cat([torch.full((b,), blur1, device=dev),
+                            torch.full((b,), blur2, device=dev)])
         sol_g = torch.cat([torch.zeros(b, device=dev), torch.full((b,), cfg.solarize_p_global2, device=dev)])
         n_local = xl.shape[0]
         out = dict(batch)
         out["global_crops"] = self._normalize_(self.augment(xg, blur_g, sol_g, generator))
         out["local_crops"] = self._normalize_(self.augment(
-            xl, torch.full((n_local,), cfg.blur_p_local, device=dev), torch.zeros(n_local, device=dev), generator))
+            xl, torch.full((n_local,), blur_local, device=dev), torch.zeros(n_local, device=dev), generator))
         return out
