@@ -16,9 +16,10 @@ import timm
 import yaml
 
 from midnight_train.data.config import DataConfig
-from midnight_train.method.augment import AugmentConfig
+from midnight_train.method.augment import BLUR_CONVENTIONS, AugmentConfig
 from midnight_train.method.models import ModelConfig
 from midnight_train.method.objective import LossConfig
+from midnight_train.method.schedules import LR_BATCH_RULES
 from midnight_train.outputs.periodic_eval import EvalConfig
 from midnight_train.typed_yaml import ConfigError, build_dataclass, to_plain
 
@@ -29,7 +30,10 @@ class TrainConfig:
     max_steps: int = 1000  # optimiser steps
     grad_accum: int = 1  # micro-batches per optimiser step
     base_lr: float = 4e-3
-    lr_scaling: str = "sqrt"  # lr = base_lr * sqrt(global batch / 1024)
+    lr_scaling: str = "sqrt"  # lr = base_lr * sqrt(batch / 1024)
+    # the batch of that rule: dinov2 = batch per GPU x GPUs (DINOv2's code, which has no
+    # accumulation); accumulated = x grad_accum too (the batch of one optimiser step)
+    lr_scaling_batch: str = "dinov2"
     min_lr: float = 1e-6
     warmup_steps: int = 0
     weight_decay: float = 0.04
@@ -143,11 +147,15 @@ def check_values(cfg: Config) -> None:
          0 <= t.teacher_momentum_end <= 1, "in [0, 1]"),
         ("train.lr_scaling", t.lr_scaling, t.lr_scaling in ("sqrt", "linear", "none"),
          "one of sqrt, linear, none"),
+        ("train.lr_scaling_batch", t.lr_scaling_batch, t.lr_scaling_batch in LR_BATCH_RULES,
+         " or ".join(LR_BATCH_RULES)),
         ("train.mixed_precision", t.mixed_precision,
          t.mixed_precision in ("auto", "no", "bf16", "fp16"), "one of auto, no, bf16, fp16"),
         ("loss.student_temp", loss.student_temp, loss.student_temp > 0, "> 0"),
         ("loss.teacher_temp", loss.teacher_temp, loss.teacher_temp > 0, "> 0"),
         ("loss.teacher_temp_start", loss.teacher_temp_start, loss.teacher_temp_start > 0, "> 0"),
+        ("augment.blur_convention", cfg.augment.blur_convention,
+         cfg.augment.blur_convention in BLUR_CONVENTIONS, " or ".join(BLUR_CONVENTIONS)),
         ("model.arch", cfg.model.arch, timm.is_model(cfg.model.arch),
          "a timm model name such as vit_small_patch14_dinov2 or vit_giant_patch14_reg4_dinov2"),
     ]
@@ -219,10 +227,15 @@ def _flatten(plain: Any, depth: int = 2, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: plain}
 
 
+# What a run saved before a key existed did, where that differs from the key's default: such a
+# resume is then refused like any other change instead of silently training differently.
+SAVED_BEFORE_KEY = {"train.lr_scaling_batch": "accumulated"}
+
+
 def config_changes(saved: dict[str, Any], cfg: Config) -> list[str]:
     """``key: old -> new`` for every key of ``cfg`` that differs from ``saved`` (a checkpoint's
     recorded config) and is not in ``RESUME_MAY_CHANGE``. Keys the saved config does not know
     (options added since) are not compared."""
-    old, new = _flatten(saved), _flatten(run_config(cfg))
+    old, new = {**SAVED_BEFORE_KEY, **_flatten(saved)}, _flatten(run_config(cfg))
     return [f"{key}: {old[key]!r} -> {value!r}" for key, value in new.items()
             if key in old and old[key] != value and key not in RESUME_MAY_CHANGE]

@@ -67,6 +67,8 @@ def test_bad_values_are_errors(tmp_path):
     ("train.log_every=0", "train.log_every=0"),
     ("train.keep_checkpoints=0", "train.keep_checkpoints=0"),
     ("model.arch=vit_no_such_model", "model.arch='vit_no_such_model'"),
+    ("train.lr_scaling_batch=global", "train.lr_scaling_batch='global'"),
+    ("augment.blur_convention=inverted", "augment.blur_convention='inverted'"),
 ])
 def test_values_that_would_fail_later_are_errors_now(override, key):
     with pytest.raises(ConfigError, match=f"invalid value: {re.escape(key)} "):
@@ -80,3 +82,15 @@ def test_saved_config_never_carries_the_switches_of_one_invocation(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert not again.overwrite and not again.resume_allow_changes and again.resume == "auto"
+
+
+def test_resuming_a_run_saved_before_lr_scaling_batch_existed_is_a_change():
+    """Runs saved before the key counted the accumulation; today's default does not, so such a
+    resume must be refused as a change of lr, never continued at another lr."""
+    from midnight_train.config import config_changes, run_config
+
+    cfg = load_config(EXAMPLES[0].parent / "tiny-cpu.yaml")
+    saved = run_config(cfg)
+    assert config_changes(saved, cfg) == []
+    del saved["train"]["lr_scaling_batch"]
+    assert config_changes(saved, cfg) == ["train.lr_scaling_batch: 'accumulated' -> 'dinov2'"]

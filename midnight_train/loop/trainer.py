@@ -60,7 +60,7 @@ from midnight_train.loop.train_state import (
     set_rng_states,
 )
 from midnight_train.method.objective import SSLObjective
-from midnight_train.method.schedules import Schedules, scaled_lr
+from midnight_train.method.schedules import Schedules, lr_batch, scaled_lr
 from midnight_train.method.student_teacher import build_student_teacher, param_groups
 
 
@@ -151,9 +151,11 @@ class Trainer:
         self.nets = build_networks(cfg, acc, mp, self.layout, self.fsdp_source)
 
         self.global_batch = cfg.data.batch_size * self.world_size * tc.grad_accum
+        self.lr_batch = lr_batch(cfg.data.batch_size, self.world_size, tc.grad_accum,
+                                 tc.lr_scaling_batch)
         self.schedules = Schedules(
             total_steps=tc.max_steps,
-            peak_lr=scaled_lr(tc.base_lr, self.global_batch, tc.lr_scaling),
+            peak_lr=scaled_lr(tc.base_lr, self.lr_batch, tc.lr_scaling),
             min_lr=tc.min_lr, warmup_steps=tc.warmup_steps,
             wd=tc.weight_decay, wd_end=tc.weight_decay_end,
             momentum=tc.teacher_momentum, momentum_end=tc.teacher_momentum_end,
@@ -325,7 +327,9 @@ class Trainer:
         n_params = sum(p.numel() for p in acc.unwrap_model(self.student).parameters())
         print(f"midnight-train: {cfg.model.arch} ({n_params / 1e6:.1f} M student params), "
               f"{self.world_size} process(es) on {acc.device}, global batch "
-              f"{self.global_batch}, peak lr {self.schedules.peak_lr:.3g}, "
+              f"{self.global_batch}, peak lr {self.schedules.peak_lr:.3g} (base "
+              f"{tc.base_lr:.3g}, {tc.lr_scaling} of batch {self.lr_batch} / 1024, "
+              f"train.lr_scaling_batch={tc.lr_scaling_batch}), "
               f"steps {self.step}->{tc.max_steps}, output {self.output_dir}", flush=True)
         print(f"precision: {acc.mixed_precision if acc.mixed_precision != 'no' else 'fp32'}"
               f" ({self.precision_source})", flush=True)

@@ -23,13 +23,27 @@ def warmup_cosine(step: int, total: int, peak: float, end: float, warmup: int) -
     return cosine(step - warmup, total - warmup, peak, end)
 
 
-def scaled_lr(base_lr: float, global_batch: int, rule: str = "sqrt", reference: int = 1024) -> float:
-    """DINOv2's rule: lr = base_lr * sqrt(global batch / 1024) (``linear`` and ``none`` for
-    ablations). The global batch counts accumulation: processes x per-process batch x accumulation."""
+LR_BATCH_RULES = ("dinov2", "accumulated")
+
+
+def lr_batch(batch_per_process: int, processes: int, grad_accum: int, rule: str = "dinov2") -> int:
+    """The batch the lr is scaled for. ``dinov2``: batch per GPU x GPUs, as DINOv2's code counts
+    it (it has no accumulation); ``accumulated``: x gradient accumulation too, the batch one
+    optimiser step averages over."""
+    if rule == "dinov2":
+        return batch_per_process * processes
+    if rule == "accumulated":
+        return batch_per_process * processes * grad_accum
+    raise ValueError(f"unknown lr batch rule {rule!r} ({', '.join(LR_BATCH_RULES)})")
+
+
+def scaled_lr(base_lr: float, batch: int, rule: str = "sqrt", reference: int = 1024) -> float:
+    """DINOv2's rule: lr = base_lr * sqrt(batch / 1024) (``linear`` and ``none`` for ablations),
+    ``batch`` as ``lr_batch`` counts it."""
     if rule == "sqrt":
-        return base_lr * math.sqrt(global_batch / reference)
+        return base_lr * math.sqrt(batch / reference)
     if rule == "linear":
-        return base_lr * global_batch / reference
+        return base_lr * batch / reference
     if rule == "none":
         return base_lr
     raise ValueError(f"unknown lr scaling rule {rule!r} (sqrt, linear, none)")
