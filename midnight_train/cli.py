@@ -235,6 +235,33 @@ def fit(config_path: str, overrides: tuple[str, ...], debug: bool) -> None:
         raise click.ClickException(f"a data loader worker failed: {worker_error}") from None
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("config_path", metavar="CONFIG", type=click.Path(exists=True, dir_okay=False))
+@click.argument("overrides", nargs=-1)
+@click.option("--gpus", type=click.IntRange(min=1),
+              help="GPUs (processes) of the run: completes the batch and the peak lr.")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
+def recipe(config_path: str, overrides: tuple[str, ...], gpus: int | None, as_json: bool) -> None:
+    """Print the recipe CONFIG trains (with key=value OVERRIDES) beside the Midnight paper's
+    values and DINOv2's ViT-g/14 recipe, marking each difference and where the paper is silent.
+
+    \b
+    midnight-train recipe examples/midnight-12k.yaml --gpus 32
+    Every run writes the same table (at its process count) as recipe.md / recipe.json in its
+    output_dir.
+    """
+    from midnight_train.config import load_config
+    from midnight_train.method.recipe import recipe_json, recipe_markdown, recipe_rows
+    from midnight_train.typed_yaml import ConfigError
+
+    try:
+        cfg = load_config(config_path, overrides)
+        rows = recipe_rows(cfg, gpus)
+    except (ConfigError, ValueError) as err:
+        raise click.UsageError(str(err)) from err
+    click.echo((recipe_json if as_json else recipe_markdown)(rows, config_path), nl=False)
+
+
 @main.command()
 @click.argument("checkpoint", type=click.Path(exists=True))
 @click.argument("out", type=click.Path(file_okay=False))

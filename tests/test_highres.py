@@ -5,6 +5,8 @@ embed."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import shardkit
 import torch
@@ -37,6 +39,9 @@ def test_low_res_then_high_res_then_export_and_embed(tmp_path, cmu_slide, monkey
     fit(f"data.shards={high[0]}", f"output_dir={tmp_path / 'stage2'}", f"model.pretrained={exported / 'model.safetensors'}",
         "model.img_size=98", "data.global_crop_size=98", "data.local_crop_size=42",
         "train.base_lr=1e-4")
+    recipe = json.loads((tmp_path / "stage2" / "recipe.json").read_text())  # each run's recipe
+    crops = {r["setting"]: r for r in recipe["rows"]}["global crops: size (px)"]
+    assert crops["ours"] == 98 and crops["paper"] == 224 and crops["differs_from_paper"]
     final = tmp_path / "final"
     result = CliRunner().invoke(main, ["export", str(tmp_path / "stage2"), str(final), "--img-size", "98"])
     assert result.exit_code == 0, result.output

@@ -14,14 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from midnight_train.config import RESUME_MAY_CHANGE, Config, config_changes, save_config
+from midnight_train.data.config import DataConfig
 from midnight_train.loop import checkpoint
 from midnight_train.loop.checkpoint import CHECKPOINT_DIR, list_checkpoints
 from midnight_train.loop.errors import RunError
+from midnight_train.method.recipe import recipe_json, recipe_markdown, recipe_rows
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
+RECIPE_FILES = ("recipe.md", "recipe.json")  # method.recipe's table for this run
 TENSORBOARD_DIR = "tensorboard"
-RUN_FILES = (CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE, TENSORBOARD_DIR)  # what a run writes
+RUN_FILES = (CHECKPOINT_DIR, METRICS_FILE, CONFIG_FILE, *RECIPE_FILES, TENSORBOARD_DIR)
 
 
 class RunDir:
@@ -130,13 +133,19 @@ class RunDir:
                 keep.append(line + "\n")
         return keep
 
-    def write_run_files(self, cfg: Config, resumed: Path | None, step: int) -> None:
-        """config.yaml, and metrics.jsonl cut back to the step continued from."""
+    def write_run_files(self, cfg: Config, resumed: Path | None, step: int,
+                        processes: int = 1) -> None:
+        """config.yaml, the recipe beside its sources (at the run's process count), and
+        metrics.jsonl cut back to the step continued from."""
         keep = self._metrics_until(step) if resumed is not None else []
         if not self.is_main:
             return
         self.path.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.path / CONFIG_FILE)
+        if isinstance(cfg.data, DataConfig):  # (the trainer's tests run on a stand-in)
+            rows = recipe_rows(cfg, gpus=processes)
+            (self.path / RECIPE_FILES[0]).write_text(recipe_markdown(rows, str(self.path)))
+            (self.path / RECIPE_FILES[1]).write_text(recipe_json(rows, str(self.path)))
         if self.metrics.exists():
             self.metrics.write_text("".join(keep))
 

@@ -300,7 +300,7 @@ class Trainer:
         # output_dir as it was.
         self.loader = self._make_loader(cfg.data, seed=seed, rank=self.rank,
                                         world_size=self.world_size, state=data_state)
-        self.run_dir.write_run_files(cfg, path, self.step)
+        self.run_dir.write_run_files(cfg, path, self.step, self.world_size)
         if path is not None:
             self.run_dir.say(f"resumed from {path} (step {self.step})")
         acc.wait_for_everyone()
