@@ -81,3 +81,22 @@ def test_plain_timm_loads_the_folder_and_embeds_as_we_do(tmp_path, cmu_slide, im
     result = CliRunner().invoke(main, ["embed", str(folder), *tiles, "--out", str(ours), "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert np.allclose(np.load(ours)["embeddings"], np.load(plain), atol=1e-4)
+
+
+def test_export_refuses_a_foreign_folder_and_a_size_the_model_cannot_take(tmp_path, tiny_export):
+    run = tiny_export.parent / "run"  # the fixture's training run
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["export", str(run), str(foreign)])
+    assert result.exit_code == 1 and "not empty and not an earlier export (notes.txt)" in result.output
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    earlier = tmp_path / "earlier"
+    assert CliRunner().invoke(main, ["export", str(run), str(earlier)]).exit_code == 0
+    (earlier / "eval.json").write_text("{}")
+    again = CliRunner().invoke(main, ["export", str(run), str(earlier)])
+    assert again.exit_code == 0 and "kept its other files: eval.json" in again.output
+    for size in ("50", "7"):
+        result = CliRunner().invoke(main, ["export", str(run), str(tmp_path / f"at{size}"), "--img-size", size])
+        assert result.exit_code == 1 and "patch size 14" in result.output, result.output
+        assert not (tmp_path / f"at{size}").exists()

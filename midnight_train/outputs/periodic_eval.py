@@ -66,7 +66,7 @@ class PeriodicEval:
             raise ValueError(f"eval set {path}: give images (class folders or CSV), not embeddings")
         problems: list[str] = []
         images = []
-        for key, data, _ in iter_encoded(labelled.paths, problems.append):
+        for key, data, _ in iter_encoded(labelled.paths, problems.append, slides=False):
             try:
                 img = decode_tile(data)
             except Exception as exn:
