@@ -380,7 +380,6 @@ def evaluate(weights: str, train_path: str, test_path: str, methods: str, k: int
 
     from midnight_train.outputs.evaluate import embed_labelled, format_results, load_labelled
     from midnight_train.outputs.evaluate import evaluate as run_evaluation
-    from midnight_train.outputs.export import ExportError
 
     try:
         sets = [load_labelled(train_path), load_labelled(test_path)]
@@ -400,7 +399,7 @@ def evaluate(weights: str, train_path: str, test_path: str, methods: str, k: int
 
     try:
         (train_x, train_y), (test_x, test_y) = embed_labelled(sets, embed)
-    except ExportError as err:
+    except ValueError as err:  # ExportError: an export it cannot use
         raise click.ClickException(str(err)) from err
     for line in skipped:
         click.echo(f"skipped {line}", err=True)

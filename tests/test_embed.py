@@ -55,7 +55,8 @@ def test_a_failed_embed_keeps_the_earlier_file_and_bad_options_fail_before_any_w
     png = tmp_path / "tile.png"
     Image.fromarray(np.full((40, 40, 3), 150, np.uint8)).save(png)
     out = tmp_path / "e.npz"
-    assert CliRunner().invoke(main, ["embed", str(tiny_export), str(png), "--out", str(out)]).exit_code == 0
+    first = CliRunner().invoke(main, ["embed", str(tiny_export), str(png), "--out", str(out)])
+    assert first.exit_code == 0 and "1/1" in first.output  # the progress bar has a total (inputs)
     good = out.read_bytes()
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a png")
@@ -118,6 +119,7 @@ def test_embed_reads_config_json_as_timm_does(tmp_path, cmu_slide, tiny_export):
     (lambda c: c["pretrained_cfg"].update(std=[0.2, 0, 0.2]), "pretrained_cfg.std"),
     (lambda c: c["pretrained_cfg"].update(crop_pct=0.875), "crop_pct"),
     (lambda c: c.pop("architecture"), "architecture"),
+    (lambda c: c["model_args"].update(img_size=30), "input size 30: not a multiple"),
 ])
 def test_embed_refuses_a_config_json_it_cannot_follow(tmp_path, tiny_export, edit, message):
     folder = _edited_export(tmp_path, tiny_export, edit or (lambda c: None))
@@ -128,6 +130,10 @@ def test_embed_refuses_a_config_json_it_cannot_follow(tmp_path, tiny_export, edi
     result = CliRunner().invoke(main, ["embed", str(folder), str(png), "--out", str(tmp_path / "e.npz")])
     assert result.exit_code == 1 and "config.json" in result.output and message in result.output, result.output
     assert result.output.count("\n") == 1 and not (tmp_path / "e.npz").exists()
+    (tmp_path / "set.csv").write_text("path,label\ntile.png,a\ntile.png,a\n")
+    evaluated = CliRunner().invoke(main, ["eval", str(folder), "--train", str(tmp_path / "set.csv"),
+                                          "--test", str(tmp_path / "set.csv")])
+    assert evaluated.exit_code == 1 and message in evaluated.output, evaluated.output
 
 
 def test_tiffs_are_slides_when_openslide_opens_a_pyramid_and_images_otherwise(tmp_path, slide_dir, tiny_export):
@@ -217,3 +223,8 @@ def test_whole_slides_are_tiled_as_the_shard_builder_tiles_them(tmp_path, cmu_sl
     too_fine = CliRunner().invoke(main, ["embed", str(tiny_export), str(cmu_slide), "--mpp", "0.25",
                                          "--out", str(tmp_path / "none.npz"), "--workers", "0"])
     assert too_fine.exit_code == 1 and "no tiles at 0.25 µm/px" in too_fine.output
+    from midnight_train.outputs.embed import iter_encoded
+
+    problems: list[str] = []  # labelled tile sets (eval, periodic eval) take no whole slides
+    assert list(iter_encoded([str(slide_dir / "generic40x.tiff")], problems.append, slides=False)) == []
+    assert len(problems) == 1 and "a whole slide, not a tile image" in problems[0]

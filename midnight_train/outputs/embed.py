@@ -259,7 +259,12 @@ class Embedder:
     def __init__(self, weights: str | Path, *, img_size: int | None = None, batch_size: int = 64,
                  num_workers: int = 0, device: str | None = None, cls_only: bool = False,
                  slides: bool = True) -> None:
-        from midnight_train.outputs.export import check_img_size, load_exported, read_export_spec
+        from midnight_train.outputs.export import (
+            ExportError,
+            check_img_size,
+            load_exported,
+            read_export_spec,
+        )
 
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"batch size {batch_size} must be ≥ 1 and workers {num_workers} ≥ 0")
@@ -267,8 +272,12 @@ class Embedder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = load_exported(weights, spec=spec)
         self.size = img_size or spec.img_size
-        check_img_size(self.size, model.patch_embed.patch_size[0],
-                       "--img-size" if img_size else f"{weights}: the input size")
+        source = Path(weights) / "config.json" if Path(weights).is_dir() else weights
+        try:
+            check_img_size(self.size, model.patch_embed.patch_size[0],
+                           "--img-size" if img_size else f"{source}: the input size")
+        except ValueError as err:  # an export's own size is the export's fault, not an option's
+            raise (err if img_size else ExportError(str(err))) from None
         self.model = model.to(self.device)
         self.mean = torch.tensor(spec.mean).view(3, 1, 1)
         self.std = torch.tensor(spec.std).view(3, 1, 1)
@@ -347,9 +356,9 @@ def embed_inputs(weights: str | Path, inputs: list[str], out: str | Path, *,
     so an earlier file there survives any failure."""
     out = check_output(out)
     skipped = [] if skipped is None else skipped
+    expand_inputs(inputs)  # a bad input named before the model is loaded
     embedder = Embedder(weights, img_size=img_size, batch_size=batch_size,
                         num_workers=num_workers, device=device, cls_only=cls_only)
-    expand_inputs(inputs)  # a bad input named before the model runs
     keys, emb, metas = embedder(inputs, skipped.append, progress=progress, sampling=sampling)
     if not keys:
         return 0, 0
