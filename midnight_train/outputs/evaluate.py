@@ -138,6 +138,23 @@ def few_shot(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
     return scores
 
 
+def check_labels(train_y: np.ndarray, test_y: np.ndarray,
+                 warn: Callable[[str], None] | None = None) -> None:
+    """ValueError for one training class or test classes none of which were trained; `warn`
+    hears of test classes only some of which are missing from training."""
+    if len(np.unique(train_y)) < 2:
+        raise ValueError("evaluation needs at least two classes in the training set "
+                         f"(got {', '.join(map(str, np.unique(train_y)))})")
+    missing = sorted(set(np.unique(test_y)) - set(np.unique(train_y)))
+    if len(missing) == len(np.unique(test_y)):
+        raise ValueError(f"no test class is a training class (test: {', '.join(map(str, missing))}; "
+                         f"training: {', '.join(map(str, np.unique(train_y)))})")
+    if missing and warn is not None:
+        n = int(np.isin(test_y, missing).sum())
+        warn(f"test classes not in the training set: {', '.join(map(str, missing))} ({n} test "
+             f"tiles): never predicted, they count as recall 0 in every balanced accuracy")
+
+
 def evaluate(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
              methods: tuple[str, ...] = METHODS, k: int = 20, shots: int = 10, repeats: int = 10,
              seed: int = 0, warn: Callable[[str], None] | None = None) -> dict[str, dict]:
@@ -153,17 +170,7 @@ def evaluate(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
     for name, x in (("training", train_x), ("test", test_x)):
         if len(x) == 0:
             raise ValueError(f"no {name} tiles to evaluate on")
-    if len(np.unique(train_y)) < 2:
-        raise ValueError("evaluation needs at least two classes in the training set "
-                         f"(got {', '.join(map(str, np.unique(train_y)))})")
-    missing = sorted(set(np.unique(test_y)) - set(np.unique(train_y)))
-    if len(missing) == len(np.unique(test_y)):
-        raise ValueError(f"no test class is a training class (test: {', '.join(map(str, missing))}; "
-                         f"training: {', '.join(map(str, np.unique(train_y)))})")
-    if missing and warn is not None:
-        n = int(np.isin(test_y, missing).sum())
-        warn(f"test classes not in the training set: {', '.join(map(str, missing))} ({n} test "
-             f"tiles): never predicted, they count as recall 0 in every balanced accuracy")
+    check_labels(train_y, test_y, warn)
     results: dict[str, dict] = {}
     if "knn" in methods:
         results["knn"] = {"balanced_accuracy": balanced_accuracy(
