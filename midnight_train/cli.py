@@ -381,6 +381,8 @@ def evaluate(weights: str, train_path: str, test_path: str, methods: str, k: int
     from midnight_train.outputs.evaluate import embed_labelled, format_results, load_labelled
     from midnight_train.outputs.evaluate import evaluate as run_evaluation
 
+    if json_path and json_path != "-" and not Path(json_path).resolve().parent.is_dir():
+        raise click.UsageError(f"--json {json_path}: the folder {Path(json_path).parent} does not exist")
     try:
         sets = [load_labelled(train_path), load_labelled(test_path)]
     except ValueError as err:

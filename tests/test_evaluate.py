@@ -108,6 +108,18 @@ def test_eval_options_out_of_range_are_refused(tmp_path, tiny_export, option):
     assert result.exit_code == 2 and option[0] in result.output and not (tmp_path / "r.json").exists()
 
 
+def test_eval_checks_where_its_json_goes_and_what_its_weights_are_before_the_work(tmp_path, tiny_export):
+    sets = _npz_sets(tmp_path, ["u", "v"] * 5, ["u", "v"] * 2)
+    result = CliRunner().invoke(main, ["eval", str(tiny_export), *sets, "--json", str(tmp_path / "no" / "r.json")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "set.csv").write_text("path,label\na.png,u\n")
+    (tmp_path / "weights.bin").write_bytes(b"not safetensors")
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "weights.bin"), "--train", str(tmp_path / "set.csv"),
+                                       "--test", str(tmp_path / "set.csv")])
+    assert result.exit_code == 1 and "not an export folder nor a .safetensors export" in result.output
+
+
 def test_evaluate_refuses_what_would_give_a_meaningless_number():
     x, y = blobs(5)
     for kwargs in ({"k": 0}, {"k": -5}, {"shots": 0}, {"repeats": 0}):

@@ -187,7 +187,11 @@ def read_export_spec(path: str | Path) -> ExportSpec:
     follow (a centre crop smaller than the tile)."""
     path = Path(path)
     if not path.is_dir():
-        meta = read_metadata(path)
+        try:
+            meta = read_metadata(path)
+        except Exception as err:  # safetensors' own error types; any means "not an export"
+            raise ExportError(f"{path}: not an export folder nor a .safetensors export "
+                              f"({type(err).__name__}: {err})") from err
         if "arch" not in meta:
             raise ExportError(f"{path}: no midnight export metadata (arch, timm_kwargs)")
         kwargs = json.loads(meta["timm_kwargs"])
