@@ -126,7 +126,8 @@ def inspect(args: tuple[str, ...], config_path: str | None, n_samples: int, coun
               help="Training YAML; its data: and augment: sections are used (KEY=VALUE "
                    "overrides them as in `fit`).")
 @click.option("--out", "out_path", default="preview.png", show_default=True, type=click.Path())
-@click.option("--samples", default=4, show_default=True, help="Rows (samples) in the grid.")
+@click.option("--samples", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Rows (samples) in the grid.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--hed-only", is_flag=True, help="Only HED jitter (no colour jitter, grey, blur, solarize).")
 @click.option("--hed-sigma-alpha", type=float, help="Override augment.hed_sigma_alpha.")
@@ -267,14 +268,15 @@ def recipe(config_path: str, overrides: tuple[str, ...], gpus: int | None, as_js
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--which", type=click.Choice(["teacher", "student"]), default="teacher",
               show_default=True)
-@click.option("--img-size", type=int, help="Resample the position embedding to this input size "
-              "(e.g. 392 after the high-resolution stage).")
+@click.option("--img-size", type=click.IntRange(min=1), help="Resample the position embedding to "
+              "this input size, a multiple of the patch size (e.g. 392 after the high-resolution stage).")
 @click.option("--debug", is_flag=True, help="On an error, show the Python traceback.")
 def export(checkpoint: str, out: str, which: str, img_size: int | None, debug: bool) -> None:
     """Write the backbone of CHECKPOINT (a checkpoint directory, or a training output directory:
     its newest readable checkpoint) as a model folder OUT: model.safetensors, timm's
     config.json, a model card README.md and training_config.json. Plain timm loads it without
-    midnight, and the folder can be pushed to a model hub as it is.
+    midnight, and the folder can be pushed to a model hub as it is. OUT is new, empty or an
+    earlier export (replaced). `embed` and `eval` read config.json, as timm does.
 
     \b
       midnight-train export runs/tiny exports/tiny
@@ -285,14 +287,19 @@ def export(checkpoint: str, out: str, which: str, img_size: int | None, debug: b
     from midnight_train.outputs.export import export_backbone, read_metadata
 
     skipped: list[str] = []
+    kept: list[str] = []
     try:
-        path = export_backbone(checkpoint, out, which=which, img_size=img_size, skipped=skipped)
+        path = export_backbone(checkpoint, out, which=which, img_size=img_size, skipped=skipped,
+                               kept=kept)
     except (CheckpointError, ValueError) as err:
         if debug:
             raise
         raise click.ClickException(str(err)) from err
     for reason in skipped:
         click.echo(f"warning: skipped damaged checkpoint: {reason}", err=True)
+    if kept:
+        click.echo(f"replaced the earlier export in {out}; kept its other files: "
+                   f"{', '.join(kept)}", err=True)
     meta = read_metadata(path)
     click.echo(f"wrote {path}/ ({meta['arch']}, {which}, step {meta['step']}): "
                f"timm.create_model('local-dir:{path}', pretrained=True)")
@@ -302,16 +309,18 @@ def export(checkpoint: str, out: str, which: str, img_size: int | None, debug: b
 @click.argument("weights", type=click.Path(exists=True))
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", "out_path", default="embeddings.npz", show_default=True,
-              help="An .npz, or a .parquet table with one row per tile.")
-@click.option("--img-size", type=int, help="Resize tiles to this size (default: the export's).")
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--workers", default=4, show_default=True,
+              help="An .npz, or a .parquet table with one row per tile (in an existing folder; "
+                   "replaced only once the embeddings are complete).")
+@click.option("--img-size", type=click.IntRange(min=1),
+              help="Resize tiles to this size, a multiple of the patch size (default: the export's).")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0),
               help="DataLoader workers decoding and resizing (each takes whole inputs: a shard, "
                    "an image file).")
 @click.option("--cls-only", is_flag=True, help="Only the CLS token (default: CLS+Mean).")
 @click.option("--mpp", "mpps", default="0.5", show_default=True,
               help="Whole-slide inputs: tiles at these µm/px (comma-separated).")
-@click.option("--tiles-per-slide", default=100, show_default=True,
+@click.option("--tiles-per-slide", default=100, show_default=True, type=click.IntRange(min=1),
               help="Whole-slide inputs: tiles per slide and µm/px, cut as midnight-prep cuts them.")
 @click.option("--tile-size", default=256, show_default=True, help="Whole-slide inputs: tile side in px.")
 @click.option("--seed", default=0, show_default=True, help="Whole-slide inputs: sampling seed.")
@@ -319,9 +328,11 @@ def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | 
           batch_size: int, workers: int, cls_only: bool, mpps: str, tiles_per_slide: int,
           tile_size: int, seed: int) -> None:
     """CLS+Mean embeddings of INPUTS (images, directories, .tar shards; local paths or fsspec
-    URLs; whole slides, tiled as midnight-prep tiles them) with exported WEIGHTS; writes `keys`, `embeddings` and, for shard samples,
-    `slide_id`, `mpp`, `x`, `y` to an .npz or a .parquet table. Unreadable images and damaged shards are skipped and
-    listed.
+    URLs; whole slides and slide lists (CSV: path, slide_id, mpp), tiled as midnight-prep tiles
+    them) with exported WEIGHTS; writes `keys`, `embeddings` and, for shard samples,
+    `slide_id`, `mpp`, `x`, `y` to an .npz or a .parquet table. Unreadable images and damaged
+    shards are skipped and listed. A .tif/.tiff that OpenSlide opens as a pyramid is a slide,
+    any other an image.
 
     \b
       midnight-train embed exports/tiny tiles/ --out embeddings.npz
@@ -337,14 +348,15 @@ def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | 
         BuildParams(mpps=sampling.mpps, tile_size=tile_size, seed=seed)  # the builder's checks
     except (ValueError, PlanError) as err:
         raise click.UsageError(f"whole-slide options: {err}") from err
-    if tiles_per_slide < 1:
-        raise click.UsageError("--tiles-per-slide must be ≥ 1")
+    from midnight_train.outputs.export import ExportError
 
     skipped: list[str] = []
     try:
         n, dim = embed_inputs(weights, list(inputs), out_path, img_size=img_size,
                               batch_size=batch_size, num_workers=workers, cls_only=cls_only,
                               progress=True, sampling=sampling, skipped=skipped)
+    except ExportError as err:
+        raise click.ClickException(str(err)) from err
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     if n:
@@ -356,8 +368,8 @@ def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | 
         if len(skipped) > 20:
             click.echo(f"  … and {len(skipped) - 20} more", err=True)
     if not n:
-        raise click.ClickException(f"no readable image in {' '.join(inputs)}; wrote an empty "
-                                   f"{out_path}")
+        raise click.ClickException(f"no readable image in {' '.join(inputs)}; nothing written "
+                                   f"to {out_path}")
 
 
 @main.command(name="eval")
@@ -370,12 +382,16 @@ def embed(weights: str, inputs: tuple[str, ...], out_path: str, img_size: int | 
 @click.option("--methods", default="knn,linear,fewshot", show_default=True,
               help="Comma-separated: knn (cosine, k votes weighted by exp(sim/0.07)), linear "
                    "(logistic regression on standardised embeddings), fewshot.")
-@click.option("--k", default=20, show_default=True, help="Neighbours for knn.")
-@click.option("--shots", default=10, show_default=True, help="Training tiles per class for fewshot.")
-@click.option("--repeats", default=10, show_default=True, help="Few-shot draws (mean ± std).")
+@click.option("--k", default=20, show_default=True, type=click.IntRange(min=1),
+              help="Neighbours for knn.")
+@click.option("--shots", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Training tiles per class for fewshot.")
+@click.option("--repeats", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Few-shot draws (mean ± std).")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--workers", default=4, show_default=True, help="DataLoader workers decoding images.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=0),
+              help="DataLoader workers decoding images.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False),
               help="Also write the results as JSON here ('-' for standard output).")
 def evaluate(weights: str, train_path: str, test_path: str, methods: str, k: int, shots: int,
@@ -392,6 +408,8 @@ def evaluate(weights: str, train_path: str, test_path: str, methods: str, k: int
     from midnight_train.outputs.evaluate import embed_labelled, format_results, load_labelled
     from midnight_train.outputs.evaluate import evaluate as run_evaluation
 
+    if json_path and json_path != "-" and not Path(json_path).resolve().parent.is_dir():
+        raise click.UsageError(f"--json {json_path}: the folder {Path(json_path).parent} does not exist")
     try:
         sets = [load_labelled(train_path), load_labelled(test_path)]
     except ValueError as err:
@@ -403,23 +421,32 @@ def evaluate(weights: str, train_path: str, test_path: str, methods: str, k: int
         nonlocal embedder
         from midnight_train.outputs.embed import Embedder
 
-        embedder = embedder or Embedder(weights, batch_size=batch_size, num_workers=workers)
+        embedder = embedder or Embedder(weights, batch_size=batch_size, num_workers=workers,
+                                        slides=False)
         keys, x, _ = embedder(paths, skipped.append, progress=True)
         return keys, x
 
-    (train_x, train_y), (test_x, test_y) = embed_labelled(sets, embed)
+    try:
+        (train_x, train_y), (test_x, test_y) = embed_labelled(sets, embed)
+    except ValueError as err:  # ExportError: an export it cannot use
+        raise click.ClickException(str(err)) from err
     for line in skipped:
         click.echo(f"skipped {line}", err=True)
+    for name, given, x in (("--train", sets[0], train_x), ("--test", sets[1], test_x)):
+        if given.paths and not len(x):
+            raise click.ClickException(f"{name}: none of its {len(given.paths)} images could be "
+                                       f"read (see the skipped lines above)")
     try:
-        results = run_evaluation(train_x, train_y, test_x, test_y, k=k, shots=shots,
-                                 repeats=repeats, seed=seed,
-                                 methods=tuple(m.strip() for m in methods.split(",") if m.strip()))
+        results = run_evaluation(
+            train_x, train_y, test_x, test_y, k=k, shots=shots, repeats=repeats, seed=seed,
+            methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+            warn=lambda line: click.echo(f"warning: {line}", err=True))
     except ValueError as err:
         raise click.UsageError(str(err)) from err
     click.echo(format_results(results, f"{len(train_y)} training / {len(test_y)} test tiles, "
                                        f"{len(set(train_y))} classes"))
     if json_path:
-        text = json.dumps(results, indent=1)
+        text = json.dumps(results, indent=1, allow_nan=False)
         if json_path == "-":
             click.echo(text)
         else:

@@ -24,12 +24,19 @@ def test_preview_writes_grid_of_originals_and_crops(tmp_path, cmu_slide):
                                        "--out", str(out), "--samples", "3"])
     assert result.exit_code == 0, result.output
     grid = np.asarray(Image.open(out))
-    # 3 rows of 56 px cells + 4 px padding; original + 2 globals + 2 columns of 2 locals (26 px)
-    assert grid.shape == (4 + 3 * 60, 4 + 3 * 60 + 2 * 30, 3)
-    original = grid[4:60, 4:60].astype(float)
+    # a 12 px header naming the columns, 3 rows of 56 px cells + 4 px padding; original + 2
+    # globals + 2 columns of 2 locals (26 px)
+    assert grid.shape == (12 + 4 + 3 * 60, 4 + 3 * 60 + 2 * 30, 3)
+    for column in range(4):  # each column's name is written above it in black
+        assert (grid[:12, 4 + 60 * column:60 + 60 * column] < 60).all(axis=2).sum() > 10
+    original = grid[16:72, 4:60].astype(float)
     assert original.std() > 10 and original.mean() < 235  # tissue, not blank
-    globals_ = grid[4:60, 64:180].astype(float)
+    globals_ = grid[16:72, 64:180].astype(float)
     assert globals_.std() > 10
+    zero = CliRunner().invoke(main, ["data", "preview", str(tmp_path / "out"), "--config", str(config),
+                                     "--out", str(tmp_path / "zero.png"), "--samples", "0"])
+    assert zero.exit_code == 2 and "--samples" in zero.output and zero.exception is not None
+    assert isinstance(zero.exception, SystemExit) and not (tmp_path / "zero.png").exists()
 
 
 def test_preview_requires_a_source(tmp_path):
@@ -91,7 +98,7 @@ def test_preview_reads_the_config_as_fit_does(tmp_path, cmu_slide):
     result = CliRunner().invoke(main, ["data", "preview", str(tmp_path / "out"), "--config", str(good),
                                        "--out", str(tmp_path / "p.png"), "--samples", "2"])
     assert result.exit_code == 0, result.output
-    assert Image.open(tmp_path / "p.png").size == (4 + 3 * 32 + 1 * 16, 4 + 2 * 32)  # locals 12 px
+    assert Image.open(tmp_path / "p.png").size == (4 + 3 * 32 + 1 * 16, 12 + 4 + 2 * 32)  # locals 12 px
 
 
 def test_both_commands_accept_dash_h():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fsspec
 import numpy as np
+import pytest
 import shardkit
 from click.testing import CliRunner
 from PIL import Image
@@ -32,6 +33,7 @@ def test_embed_skips_and_names_damaged_inputs(tmp_path, cmu_slide, tiny_export):
     assert "skipped 3 unreadable input(s)" in result.output
     for name in ("fake", "cut", "noimage"):
         assert name in result.output
+    assert "BytesIO" not in result.output  # the member is named, not PIL's buffer
     saved = np.load(out)
     keys = [k for k, _ in samples]
     assert list(saved["keys"]) == keys + ["fine", str(png)]
@@ -46,6 +48,116 @@ def test_embed_with_nothing_readable_fails(tmp_path, tiny_export):
     result = CliRunner().invoke(main, ["embed", str(tiny_export), str(junk), "--out",
                                        str(tmp_path / "e.npz")])
     assert result.exit_code != 0 and "no readable image" in result.output and "junk.jpg" in result.output
+    assert not (tmp_path / "e.npz").exists()
+
+
+def test_a_failed_embed_keeps_the_earlier_file_and_bad_options_fail_before_any_work(tmp_path, tiny_export):
+    png = tmp_path / "tile.png"
+    Image.fromarray(np.full((40, 40, 3), 150, np.uint8)).save(png)
+    out = tmp_path / "e.npz"
+    first = CliRunner().invoke(main, ["embed", str(tiny_export), str(png), "--out", str(out)])
+    assert first.exit_code == 0 and "1/1" in first.output  # the progress bar has a total (inputs)
+    good = out.read_bytes()
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not a png")
+    failed = CliRunner().invoke(main, ["embed", str(tiny_export), str(junk), "--out", str(out)])
+    assert failed.exit_code == 1 and "nothing written" in failed.output
+    assert out.read_bytes() == good and not list(tmp_path.glob(".*"))
+    (tmp_path / "d.npz").mkdir()
+    for args, message in ((["--out", str(tmp_path / "missing" / "e.npz")], "does not exist"),
+                          (["--out", str(tmp_path / "d.npz")], "is a folder"),
+                          (["--batch-size", "0"], "--batch-size"), (["--batch-size", "-1"], "--batch-size"),
+                          (["--workers", "-1"], "--workers"), (["--img-size", "50"], "patch size 14")):
+        result = CliRunner().invoke(main, ["embed", str(tiny_export), str(png), *args])
+        assert result.exit_code == 2 and message in result.output, (args, result.output)
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert not (tmp_path / "missing").exists()
+
+
+def _edited_export(tmp_path, tiny_export, edit):
+    import json
+    import shutil
+
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_export, folder)
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_embed_reads_config_json_as_timm_does(tmp_path, cmu_slide, tiny_export):
+    """config.json is what timm reads; an edit there reaches `embed` the same way (the
+    safetensors metadata is not a second, silently different source)."""
+    import timm
+    import torch
+
+    tiles = []
+    for i, tile in enumerate(shardkit.tissue_tiles(cmu_slide, 3, size=64, seed=2)):
+        tiles.append(str(tmp_path / f"tile{i}.png"))
+        Image.fromarray(tile).save(tiles[-1])
+
+    def edit(config):
+        config["pretrained_cfg"].update(mean=[0.7, 0.6, 0.5], std=[0.1, 0.2, 0.3], interpolation="bilinear")
+    folder = _edited_export(tmp_path, tiny_export, edit)
+    before, after = tmp_path / "before.npz", tmp_path / "after.npz"
+    for weights, out in ((tiny_export, before), (folder, after)):
+        result = CliRunner().invoke(main, ["embed", str(weights), *tiles, "--out", str(out), "--workers", "0"])
+        assert result.exit_code == 0, result.output
+    model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    with torch.no_grad():
+        tokens = model.forward_features(torch.stack([transform(Image.open(t).convert("RGB")) for t in tiles]))
+    plain = torch.cat([tokens[:, 0], tokens[:, model.num_prefix_tokens:].mean(1)], -1).numpy()
+    assert np.allclose(np.load(after)["embeddings"], plain, atol=1e-4)
+    assert not np.allclose(np.load(before)["embeddings"], plain, atol=1e-2)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (None, "not valid JSON"),
+    (lambda c: c["model_args"].update(embed_dim=64), "do not fit"),
+    (lambda c: c["pretrained_cfg"].update(std=[0.2, 0, 0.2]), "pretrained_cfg.std"),
+    (lambda c: c["pretrained_cfg"].update(crop_pct=0.875), "crop_pct"),
+    (lambda c: c.pop("architecture"), "architecture"),
+    (lambda c: c["model_args"].update(img_size=30), "input size 30: not a multiple"),
+])
+def test_embed_refuses_a_config_json_it_cannot_follow(tmp_path, tiny_export, edit, message):
+    folder = _edited_export(tmp_path, tiny_export, edit or (lambda c: None))
+    if edit is None:
+        (folder / "config.json").write_text('{"architecture": "vit_small_patch14_dinov2",')
+    png = tmp_path / "tile.png"
+    Image.fromarray(np.full((40, 40, 3), 150, np.uint8)).save(png)
+    result = CliRunner().invoke(main, ["embed", str(folder), str(png), "--out", str(tmp_path / "e.npz")])
+    assert result.exit_code == 1 and "config.json" in result.output and message in result.output, result.output
+    assert result.output.count("\n") == 1 and not (tmp_path / "e.npz").exists()
+    (tmp_path / "set.csv").write_text("path,label\ntile.png,a\ntile.png,a\n")
+    evaluated = CliRunner().invoke(main, ["eval", str(folder), "--train", str(tmp_path / "set.csv"),
+                                          "--test", str(tmp_path / "set.csv")])
+    assert evaluated.exit_code == 1 and message in evaluated.output, evaluated.output
+
+
+def test_tiffs_are_slides_when_openslide_opens_a_pyramid_and_images_otherwise(tmp_path, slide_dir, tiny_export):
+    """A pyramidal TIFF is tiled as a slide; a plain TIFF tile is one image; a .tif that is
+    neither is skipped with its name; a slide list gives the µm/px a slide lacks."""
+    plain = tmp_path / "tile.tif"
+    Image.fromarray(np.full((60, 50, 3), 140, np.uint8)).save(plain)
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"II*\0 not really a tiff")
+    out = tmp_path / "e.npz"
+    result = CliRunner().invoke(main, ["embed", str(tiny_export), str(slide_dir / "generic40x.tiff"), str(plain),
+                                       str(junk), "--mpp", "1", "--tiles-per-slide", "3", "--out", str(out),
+                                       "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 unreadable" in result.output and "junk.tif" in result.output
+    saved = np.load(out)
+    assert list(saved["slide_id"]) == ["generic40x"] * 3 + [""] and list(saved["keys"])[-1] == str(plain)
+    assert np.allclose(saved["mpp"][:3], 1.0) and (saved["x"][:3] >= 0).all()
+    slides = tmp_path / "slides.csv"
+    slides.write_text(f"path,mpp\n{slide_dir / 'nompp.tiff'},0.25\n")
+    listed = CliRunner().invoke(main, ["embed", str(tiny_export), str(slides), "--mpp", "0.5", "--tile-size", "128",
+                                       "--tiles-per-slide", "2", "--out", str(out), "--workers", "0"])
+    assert listed.exit_code == 0, listed.output
+    assert list(np.load(out)["slide_id"]) == ["nompp"] * 2
 
 
 def test_workers_and_batch_size_change_nothing_but_speed(tmp_path, cmu_slide, tiny_export):
@@ -111,3 +223,8 @@ def test_whole_slides_are_tiled_as_the_shard_builder_tiles_them(tmp_path, cmu_sl
     too_fine = CliRunner().invoke(main, ["embed", str(tiny_export), str(cmu_slide), "--mpp", "0.25",
                                          "--out", str(tmp_path / "none.npz"), "--workers", "0"])
     assert too_fine.exit_code == 1 and "no tiles at 0.25 µm/px" in too_fine.output
+    from midnight_train.outputs.embed import iter_encoded
+
+    problems: list[str] = []  # labelled tile sets (eval, periodic eval) take no whole slides
+    assert list(iter_encoded([str(slide_dir / "generic40x.tiff")], problems.append, slides=False)) == []
+    assert len(problems) == 1 and "a whole slide, not a tile image" in problems[0]

@@ -91,3 +91,66 @@ def test_eval_command_on_real_tiles(tmp_path, cmu_slide, tiny_export):
     bad = CliRunner().invoke(main, ["eval", str(tiny_export), "--train", str(tmp_path / "tr.npz"),
                                     "--test", str(tmp_path / "te.npz"), "--methods", "svm"])
     assert bad.exit_code == 2 and "svm" in bad.output
+
+
+def _npz_sets(tmp_path, train_labels, test_labels):
+    rng = np.random.default_rng(1)
+    np.savez(tmp_path / "tr.npz", embeddings=rng.normal(size=(len(train_labels), 4)), labels=np.array(train_labels))
+    np.savez(tmp_path / "te.npz", embeddings=rng.normal(size=(len(test_labels), 4)), labels=np.array(test_labels))
+    return ["--train", str(tmp_path / "tr.npz"), "--test", str(tmp_path / "te.npz")]
+
+
+@pytest.mark.parametrize("option", [["--k", "0"], ["--k", "-5"], ["--shots", "0"], ["--repeats", "0"],
+                                    ["--batch-size", "0"], ["--workers", "-1"]])
+def test_eval_options_out_of_range_are_refused(tmp_path, tiny_export, option):
+    sets = _npz_sets(tmp_path, ["u", "v"] * 5, ["u", "v"] * 2)
+    result = CliRunner().invoke(main, ["eval", str(tiny_export), *sets, *option, "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 2 and option[0] in result.output and not (tmp_path / "r.json").exists()
+
+
+def test_eval_checks_where_its_json_goes_and_what_its_weights_are_before_the_work(tmp_path, tiny_export):
+    sets = _npz_sets(tmp_path, ["u", "v"] * 5, ["u", "v"] * 2)
+    result = CliRunner().invoke(main, ["eval", str(tiny_export), *sets, "--json", str(tmp_path / "no" / "r.json")])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    (tmp_path / "a.png").write_bytes(b"x")
+    (tmp_path / "set.csv").write_text("path,label\na.png,u\n")
+    (tmp_path / "weights.bin").write_bytes(b"not safetensors")
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "weights.bin"), "--train", str(tmp_path / "set.csv"),
+                                       "--test", str(tmp_path / "set.csv")])
+    assert result.exit_code == 1 and "not an export folder nor a .safetensors export" in result.output
+
+
+def test_evaluate_refuses_what_would_give_a_meaningless_number():
+    x, y = blobs(5)
+    for kwargs in ({"k": 0}, {"k": -5}, {"shots": 0}, {"repeats": 0}):
+        with pytest.raises(ValueError, match=next(iter(kwargs))):
+            evaluate(x, y, x, y, **kwargs)
+    with pytest.raises(ValueError, match="no test class is a training class"):
+        evaluate(x, y, x, np.full(len(y), "other"), methods=("knn",))
+    with pytest.raises(ValueError, match="no test tiles"):
+        evaluate(x, y, x[:0], y[:0], methods=("knn",))
+
+
+def test_eval_warns_of_untrained_test_classes_and_of_short_few_shot_classes(tmp_path, tiny_export):
+    sets = _npz_sets(tmp_path, ["u"] * 8 + ["v"], ["u", "v", "w", "w"])
+    result = CliRunner().invoke(main, ["eval", str(tiny_export), *sets, "--shots", "4", "--repeats", "2",
+                                       "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    assert "test classes not in the training set: w (2 test tiles)" in result.output
+    assert "fewer than 4 training tiles in v (1)" in result.output
+    fewshot = json.loads((tmp_path / "r.json").read_text())["fewshot"]
+    assert fewshot["shots"] == 4 and fewshot["shots_per_class"] == {"u": 4, "v": 1}
+
+
+def test_eval_refuses_one_image_under_two_labels_and_names_unreadable_sets(tmp_path, tiny_export):
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.png").write_bytes(b"not a png")
+    (tmp_path / "two.csv").write_text("path,label\na.png,x\nb.png,y\na.png,y\n")
+    (tmp_path / "ok.csv").write_text("path,label\na.png,x\nb.png,y\n")
+    result = CliRunner().invoke(main, ["eval", str(tiny_export), "--train", str(tmp_path / "two.csv"),
+                                       "--test", str(tmp_path / "ok.csv")])
+    assert result.exit_code == 2 and "1 image(s) listed under more than one label (e.g. a.png: x, y)" in result.output
+    result = CliRunner().invoke(main, ["eval", str(tiny_export), "--train", str(tmp_path / "ok.csv"),
+                                       "--test", str(tmp_path / "ok.csv"), "--workers", "0"])
+    assert result.exit_code == 1 and "--train: none of its 2 images could be read" in result.output
+    assert "two classes" not in result.output

@@ -81,3 +81,40 @@ def test_plain_timm_loads_the_folder_and_embeds_as_we_do(tmp_path, cmu_slide, im
     result = CliRunner().invoke(main, ["embed", str(folder), *tiles, "--out", str(ours), "--workers", "0"])
     assert result.exit_code == 0, result.output
     assert np.allclose(np.load(ours)["embeddings"], np.load(plain), atol=1e-4)
+
+
+def test_export_refuses_a_foreign_folder_and_a_size_the_model_cannot_take(tmp_path, tiny_export):
+    run = tiny_export.parent / "run"  # the fixture's training run
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(main, ["export", str(run), str(foreign)])
+    assert result.exit_code == 1 and "not empty and not an earlier export (notes.txt)" in result.output
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    earlier = tmp_path / "earlier"
+    assert CliRunner().invoke(main, ["export", str(run), str(earlier)]).exit_code == 0
+    (earlier / "eval.json").write_text("{}")
+    again = CliRunner().invoke(main, ["export", str(run), str(earlier)])
+    assert again.exit_code == 0 and "kept its other files: eval.json" in again.output
+    for size in ("50", "7"):
+        result = CliRunner().invoke(main, ["export", str(run), str(tmp_path / f"at{size}"), "--img-size", size])
+        assert result.exit_code == 1 and "patch size 14" in result.output, result.output
+        assert not (tmp_path / f"at{size}").exists()
+
+
+def test_model_card_names_its_data_on_the_line_that_announces_it(tmp_path):
+    from midnight_train.outputs.model_card import model_card
+
+    (tmp_path / "out" / "manifests").mkdir(parents=True)
+    (tmp_path / "out" / "manifests" / "job-000000.json").write_text(json.dumps(
+        {"samples": 1200, "slides": [{"slide_id": "a", "written": {"0.5": 1000, "1": 200}}]}))
+    common = dict(name="m", arch="vit_small_patch14_dinov2", img_size=224, num_features=384,
+                  mean=[0.5] * 3, std=[0.5] * 3, which="teacher", step=3)
+    for data, line in (({"shards": str(tmp_path / "out")},
+                        "- Data (shards): 1,200 tiles from 1 slides (0.5 µm/px: 1,000, 1 µm/px: 200)"),
+                       ({"slides": ["slides.csv"]}, "- Data (slides, tiles cut during training): `slides.csv`"),
+                       ({"datasets": [{"name": "x", "slides": "s/"}, {"name": "y", "shards": str(tmp_path / "no")}]},
+                        "- Data (shards): `" + str(tmp_path / "no") + "`\n  - `")):
+        card = model_card(config={"data": data}, **common)
+        assert line in card, card
+        assert not [row for row in card.splitlines() if row.startswith("- Data") and row.endswith(":")]

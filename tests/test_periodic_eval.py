@@ -66,3 +66,18 @@ def test_eval_config_is_checked():
         EvalConfig(every=1, sets=[{"name": "a", "train": "x", "test": "y"}], methods=["svm"])
     with pytest.raises(ValueError, match="eval.sets is empty"):
         EvalConfig(every=5)
+    for key, value in (("k", 0), ("shots", 0), ("repeats", -1), ("batch_size", 0)):
+        with pytest.raises(ValueError, match=f"eval.{key} must be"):
+            EvalConfig(**{key: value})
+
+
+def test_eval_sets_whose_classes_cannot_be_scored_are_refused_before_training(tmp_path, labelled):
+    import shutil
+
+    from midnight_train.outputs.periodic_eval import PeriodicEval
+
+    test = tmp_path / "test"
+    shutil.copytree(labelled / "test" / "fine", test / "other")  # a class the training set lacks
+    cfg = EvalConfig(every=1, sets=[{"name": "mag", "train": str(labelled / "train"), "test": str(test)}])
+    with pytest.raises(ValueError, match="eval set mag: no test class is a training class"):
+        PeriodicEval(cfg, 28, [0.5] * 3, [0.5] * 3)

@@ -32,10 +32,11 @@ def test_preview_draws_tissue_tiles_from_a_slide(tmp_path, cmu_slide, slide_dir,
                                        "--samples", "3"])
     assert result.exit_code == 0, result.output
     grid = np.asarray(Image.open(out))
-    # as for shards: 3 rows of 56 px cells + 4 px padding; original + 2 globals + 2 columns of locals
-    assert grid.shape == (4 + 3 * 60, 4 + 3 * 60 + 2 * 30, 3)
+    # as for shards: a 12 px header of column names, 3 rows of 56 px cells + 4 px padding;
+    # original + 2 globals + 2 columns of locals
+    assert grid.shape == (12 + 4 + 3 * 60, 4 + 3 * 60 + 2 * 30, 3)
     for row in range(3):
-        original = grid[4 + 60 * row: 60 + 60 * row, 4:60].astype(float)
+        original = grid[16 + 60 * row: 72 + 60 * row, 4:60].astype(float)
         assert original.std() > 10 and original.mean() < 235  # tissue, not glass
     again = tmp_path / "again.png"
     CliRunner().invoke(main, ["data", "preview", "--config", config, "--out", str(again), "--samples", "3"])

@@ -14,6 +14,7 @@ into them."""
 from __future__ import annotations
 
 import csv
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,14 @@ def load_labelled(path: str | Path) -> Labelled:
             rows = list(csv.DictReader(f))
         if not rows or not {"path", "label"} <= set(rows[0]):
             raise ValueError(f"{path}: a CSV for evaluation needs `path` and `label` columns")
+        labels_of: dict[str, set[str]] = {}
+        for r in rows:
+            labels_of.setdefault(r["path"], set()).add(r["label"])
+        clashes = sorted(p for p, ls in labels_of.items() if len(ls) > 1)
+        if clashes:
+            raise ValueError(f"{path}: {len(clashes)} image(s) listed under more than one label "
+                             f"(e.g. {clashes[0]}: {', '.join(sorted(labels_of[clashes[0]]))}); "
+                             f"give each image one label")
         return Labelled(labels=np.array([r["label"] for r in rows]),
                         paths=[str(path.parent / r["path"]) for r in rows])
     if path.is_dir():
@@ -129,15 +138,39 @@ def few_shot(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
     return scores
 
 
+def check_labels(train_y: np.ndarray, test_y: np.ndarray,
+                 warn: Callable[[str], None] | None = None) -> None:
+    """ValueError for one training class or test classes none of which were trained; `warn`
+    hears of test classes only some of which are missing from training."""
+    if len(np.unique(train_y)) < 2:
+        raise ValueError("evaluation needs at least two classes in the training set "
+                         f"(got {', '.join(map(str, np.unique(train_y)))})")
+    missing = sorted(set(np.unique(test_y)) - set(np.unique(train_y)))
+    if len(missing) == len(np.unique(test_y)):
+        raise ValueError(f"no test class is a training class (test: {', '.join(map(str, missing))}; "
+                         f"training: {', '.join(map(str, np.unique(train_y)))})")
+    if missing and warn is not None:
+        n = int(np.isin(test_y, missing).sum())
+        warn(f"test classes not in the training set: {', '.join(map(str, missing))} ({n} test "
+             f"tiles): never predicted, they count as recall 0 in every balanced accuracy")
+
+
 def evaluate(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray, *,
              methods: tuple[str, ...] = METHODS, k: int = 20, shots: int = 10, repeats: int = 10,
-             seed: int = 0) -> dict[str, dict]:
-    """{method: {"balanced_accuracy": …, …}} for the chosen methods."""
+             seed: int = 0, warn: Callable[[str], None] | None = None) -> dict[str, dict]:
+    """{method: {"balanced_accuracy": …, …}} for the chosen methods. ValueError for an option
+    out of range, an empty set, one training class or test classes none of which were
+    trained; `warn` hears of test classes only some of which are missing from training."""
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown evaluation methods {sorted(unknown)}; choose from {METHODS}")
-    if len(np.unique(train_y)) < 2:
-        raise ValueError("evaluation needs at least two classes in the training set")
+    for name, value in (("k", k), ("shots", shots), ("repeats", repeats)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"--{name} {value}: must be a whole number ≥ 1")
+    for name, x in (("training", train_x), ("test", test_x)):
+        if len(x) == 0:
+            raise ValueError(f"no {name} tiles to evaluate on")
+    check_labels(train_y, test_y, warn)
     results: dict[str, dict] = {}
     if "knn" in methods:
         results["knn"] = {"balanced_accuracy": balanced_accuracy(
@@ -147,8 +180,18 @@ def evaluate(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_
         results["linear"] = {"balanced_accuracy": balanced_accuracy(test_y, predicted), "C": c}
     if "fewshot" in methods:
         scores = few_shot(train_x, train_y, test_x, test_y, shots=shots, repeats=repeats, seed=seed)
+        classes, counts = np.unique(train_y, return_counts=True)
+        per_class = {str(c): min(shots, int(n)) for c, n in zip(classes, counts)}
+        fewer = {c: n for c, n in per_class.items() if n < shots}
+        if fewer and warn is not None:
+            warn(f"fewshot: fewer than {shots} training tiles in "
+                 + ", ".join(f"{c} ({n})" for c, n in fewer.items()) + ": all of them are used")
         results["fewshot"] = {"balanced_accuracy": float(np.mean(scores)),
-                              "std": float(np.std(scores)), "shots": shots, "repeats": repeats}
+                              "std": float(np.std(scores)), "shots": shots,
+                              "shots_per_class": per_class, "repeats": repeats}
+    for r in results.values():
+        if not all(math.isfinite(v) for v in r.values() if isinstance(v, float)):
+            raise ValueError(f"evaluation gave a non-finite result {r}")
     return results
 
 

@@ -8,6 +8,7 @@ uint8 (so later evaluations cost forward passes only)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ import torch
 
 from midnight_train.data.crops import decode_tile
 from midnight_train.outputs.embed import cls_mean_embedding, iter_encoded
-from midnight_train.outputs.evaluate import METHODS, evaluate, load_labelled
+from midnight_train.outputs.evaluate import METHODS, check_labels, evaluate, load_labelled
 
 
 @dataclass
@@ -43,6 +44,10 @@ class EvalConfig:
                 raise ValueError(f"eval.sets entry {s!r}: needs exactly name, train and test")
         if self.every and not self.sets:
             raise ValueError("eval.every is set but eval.sets is empty")
+        for key in ("k", "shots", "repeats", "batch_size"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"eval.{key} must be a whole number ≥ 1 (got {value!r})")
 
 
 class PeriodicEval:
@@ -55,6 +60,11 @@ class PeriodicEval:
         self.sets: list[tuple[str, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]] = []
         for s in cfg.sets:
             self.sets.append((str(s["name"]), self._load(s["train"]), self._load(s["test"])))
+            try:  # label mistakes found before training, not at the first evaluation
+                check_labels(self.sets[-1][1][1], self.sets[-1][2][1], lambda line, name=s["name"]:
+                             print(f"warning: eval set {name}: {line}", file=sys.stderr))
+            except ValueError as err:
+                raise ValueError(f"eval set {s['name']}: {err}") from None
 
     def due(self, step: int) -> bool:
         return bool(self.cfg.every) and step % self.cfg.every == 0
@@ -66,7 +76,7 @@ class PeriodicEval:
             raise ValueError(f"eval set {path}: give images (class folders or CSV), not embeddings")
         problems: list[str] = []
         images = []
-        for key, data, _ in iter_encoded(labelled.paths, problems.append):
+        for key, data, _ in iter_encoded(labelled.paths, problems.append, slides=False):
             try:
                 img = decode_tile(data)
             except Exception as exn:
