@@ -10,6 +10,7 @@ import json
 import math
 import os
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import fsspec
 
 from .shards import JPEG_QUALITY, canonical, folder_of, is_local, local_path, safe_slide_id
 from .slides import PLAUSIBLE_MPP
-from .storage import PERMANENT, StorageError, is_transient, storage_message
+from .storage import PERMANENT, StorageError, is_transient, probe, storage_message
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
                     ".svslide")
@@ -111,6 +112,15 @@ class SlideSpec:
     group: str = "default"
     mpp: float | None = None  # override, used only when the file has no usable µm/px
     quotas: dict[str, int] = field(default_factory=dict)  # str(µm/px) -> tiles
+    # The file as planned (None: not known, as in plans of older versions): a run refuses a
+    # slide whose size (or, on object storage, ETag) changed since. Not part of the plan's
+    # hash: they say which file, not what is built from it.
+    size: int | None = None
+    etag: str | None = None
+
+
+# SlideSpec fields left out of Plan.sha256 (see above): a copied or older plan keeps its hash.
+UNHASHED = ("size", "etag")
 
 
 @dataclass
@@ -136,8 +146,12 @@ class Plan:
         """Identity of what the plan builds (version, params, jobs with their slides and quotas),
         not of where: the same plan given as ./out or /abs/out, or moved, keeps its hash. Every
         manifest records it, so results of another plan are never taken as done."""
-        content = {"version": self.version, "params": asdict(self.params),
-                   "jobs": [asdict(job) for job in self.jobs]}
+        jobs = [asdict(job) for job in self.jobs]
+        for job in jobs:
+            for slide in job["slides"]:
+                for name in UNHASHED:
+                    slide.pop(name)
+        content = {"version": self.version, "params": asdict(self.params), "jobs": jobs}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     @classmethod
@@ -253,6 +267,38 @@ def collect_inputs(inputs: list[str]) -> list[dict]:
     return rows
 
 
+def file_stamp(path: str) -> tuple[int, str | None]:
+    """(bytes, ETag or None) of a slide file as it is now; raises OSError (or the store's
+    error) when it cannot be looked at."""
+    if is_local(path):
+        return os.path.getsize(local_path(path)), None
+    fs, where = fsspec.core.url_to_fs(path)
+    fs.invalidate_cache(where)
+    info = fs.info(where)
+    return int(info["size"]), (str(info.get("ETag") or info.get("etag") or "") or None)
+
+
+def stamp_files(slides: list[SlideSpec]) -> None:
+    """Record each slide's size (and ETag) in its spec; a slide that cannot be looked at now
+    (missing: the run reports it as a failed slide) is left unknown. Remote slides are looked
+    at in parallel after one quick look at their store, so a store that is down is reported in
+    seconds."""
+    remote = [s for s in slides if not is_local(s.path)]
+    if remote:
+        probe(folder_of(remote[0].path))
+
+    def stamp(spec: SlideSpec) -> None:
+        try:
+            spec.size, spec.etag = file_stamp(spec.path)
+        except Exception as e:
+            if is_transient(e):
+                raise StorageError(storage_message(spec.path, e, "look at")) from e
+            spec.size = spec.etag = None  # missing or unreadable: the run says why
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(stamp, slides))
+
+
 def split_evenly(total: int, parts: int) -> list[int]:
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
@@ -293,6 +339,7 @@ def make_plan(
                  else [tiles_per_slide] * len(slides))
     for s, n in zip(slides, per_slide):
         s.quotas = {mpp_key(m): q for m, q in zip(params.mpps, split_evenly(n, len(params.mpps)))}
+    stamp_files(slides)
     jobs = [JobSpec(f"job-{i // slides_per_job:06d}", slides[i:i + slides_per_job])
             for i in range(0, len(slides), slides_per_job)]
     return Plan(canonical(output), params, jobs)

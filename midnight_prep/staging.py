@@ -94,8 +94,12 @@ class Staged:
     """A held slide: ``path`` is a local file that stays until ``release()`` (or the end of a
     ``with`` block). Holding it keeps it from eviction in every process."""
 
-    def __init__(self, url: str, path: str, release=None) -> None:
+    def __init__(self, url: str, path: str, release=None, size: int | None = None,
+                 etag: str | None = None) -> None:
         self.url, self.path, self._release = url, path, release
+        # The remote slide file's bytes and ETag as the store gave them when staged (None for
+        # a local path), for checks against a plan's record of the file.
+        self.size, self.etag = size, etag
 
     def release(self) -> None:
         if self._release is not None:
@@ -197,7 +201,8 @@ class SlideCache:
             with self._mutex:
                 self._held[key] = self._held.get(key, 0) + size
             return Staged(url, os.path.join(entry, name),
-                          functools.partial(self._release, key, fd, size, keep))
+                          functools.partial(self._release, key, fd, size, keep),
+                          files[0][2], _etag(files[0][3]))
 
     def clean(self) -> int:
         """Remove every entry no process holds (and stale partial downloads); return the bytes
@@ -420,6 +425,14 @@ VERSION_FIELDS = ("ETag", "etag", "md5Hash", "VersionId", "LastModified", "updat
 
 def _tag(info: dict) -> str:
     return " ".join(f"{k}={info[k]}" for k in VERSION_FIELDS if info.get(k) not in (None, ""))
+
+
+def _etag(tag: str) -> str | None:
+    """The ETag in a `_tag` string (ETags are quoted and have no spaces), if any."""
+    for part in tag.split(" "):
+        if part.startswith("ETag=") or part.startswith("etag="):
+            return part.split("=", 1)[1]
+    return None
 
 
 def _version(url: str, files: list[tuple[str, str, int, str]]) -> str:

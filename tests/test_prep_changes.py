@@ -1,0 +1,70 @@
+"""A slide changed between `plan` and `run` is refused by name, not used silently: the plan
+records each slide's size (and on object storage its ETag), outside the plan's hash, and plans
+of the older format without them still load and run."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import fsspec
+
+from midnight_prep.plan import Plan
+
+CLI = [sys.executable, "-m", "midnight_prep.cli"]
+FAST = ["--tiles-per-slide", "4", "--mpp", "1", "--slides-per-job", "1", "--shard-size", "5"]
+
+
+def prep(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_a_local_slide_changed_after_plan_is_refused_by_name(slide_dir, tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("generic40x.tiff", "scan20x.tiff"):
+        shutil.copy(slide_dir / name, slides / name)
+    out = tmp_path / "out"
+    done = prep("plan", slides, "-o", out, *FAST)
+    assert done.returncode == 0, done.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    recorded = {s["slide_id"]: s["size"] for j in plan["jobs"] for s in j["slides"]}
+    assert recorded == {"generic40x": (slides / "generic40x.tiff").stat().st_size,
+                        "scan20x": (slides / "scan20x.tiff").stat().st_size}
+    # The sizes say which file, not what is built: the hash is that of a plan without them.
+    for job in plan["jobs"]:
+        for slide in job["slides"]:
+            del slide["size"], slide["etag"]
+    assert Plan.from_dict(plan).sha256() == Plan.from_dict(
+        json.loads((out / "plan.json").read_text())).sha256()
+
+    shutil.copy(slide_dir / "aperio40x.svs", slides / "scan20x.tiff")  # another slide, same name
+    done = prep("run", out / "plan.json")
+    assert done.returncode == 1
+    assert "scan20x" in done.stdout and "changed since the plan was made" in done.stdout
+    manifests = [json.loads(m.read_text()) for m in sorted((out / "manifests").glob("*.json"))]
+    status = {s["slide_id"]: s["status"] for m in manifests for s in m["slides"]}
+    assert status == {"generic40x": "ok", "scan20x": "failed"}
+
+    # A plan.json of the older format (no sizes) loads and runs as before.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "plan.json").write_text(json.dumps({**plan, "output": str(old)}))
+    done = prep("run", old / "plan.json")
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_an_object_replaced_after_plan_is_refused_by_name(slide_dir, s3_env, tmp_path):
+    fs = fsspec.filesystem("s3")
+    url = "s3://midnight/changes/slides/generic40x.tiff"
+    good = (slide_dir / "generic40x.tiff").read_bytes()
+    fs.pipe_file(url, good)
+    out = tmp_path / "out"
+    done = prep("plan", url, "-o", out, *FAST)
+    assert done.returncode == 0, done.stderr
+    spec = json.loads((out / "plan.json").read_text())["jobs"][0]["slides"][0]
+    assert spec["size"] == len(good) and spec["etag"]
+    fs.pipe_file(url, good[:-1] + bytes([good[-1] ^ 1]))  # the same size, other bytes
+    done = prep("run", out, "--stage-dir", tmp_path / "stage")
+    assert done.returncode == 1
+    assert "changed since the plan was made (ETag" in done.stdout and url in done.stdout
