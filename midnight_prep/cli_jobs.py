@@ -247,10 +247,12 @@ def executor_for(executor: str, workers: int, ray_address: str | None, ray_jobs_
             raise click.UsageError("--ray-address needs --executor ray")
         yield None, f"with {workers} worker(s)"
         return
-    from .ray_executor import RayExecutor, RayUnavailable, check_installed
+    from .ray_executor import RayExecutor, RayUnavailable, check_installed, check_reachable
 
     try:
         check_installed()
+        if ray_address:  # before any planning: an address where nothing answers, in seconds
+            check_reachable(ray_address)
         with RayExecutor(ray_address, None if ray_address else workers, ray_retries,
                          ray_jobs_per_worker) as ray_executor:
             yield ray_executor, (f"on the Ray cluster at {ray_address}" if ray_address else
