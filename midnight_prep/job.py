@@ -22,7 +22,7 @@ from .plan import BuildParams, JobSpec, SlideSpec
 from .sampling import candidate_positions, slide_rng
 from .slides import Level, Slide, SlideError, downscale, read_size_for
 from .staging import SlideCache, Staged, StagingError, default_cache
-from .tissue import ForegroundMap, tissue_mask
+from .tissue import ForegroundMap, dark_background, tissue_mask
 
 # The smallest tile should cover about this many mask pixels across (>= 3 needed for the
 # integral-image foreground check to be meaningful).
@@ -74,9 +74,16 @@ def mask_mpp(slide: Slide, params: BuildParams) -> float:
 
 def slide_mask(slide: Slide, params: BuildParams) -> tuple[np.ndarray, float]:
     """The slide's tissue mask (a thumbnail read: the costly part of a slide's set-up) and its
-    cell side in level-0 pixels."""
+    cell side in level-0 pixels. SlideError for a slide that is not brightfield (a dark
+    background: fluorescence), for the builder and online sampling alike."""
     mpp = mask_mpp(slide, params)
     rgb = np.concatenate(list(slide.thumbnail_strips(mpp)), axis=0)
+    dark = dark_background(rgb)
+    if dark is not None:
+        raise SlideError(
+            f"not a brightfield (H&E) slide: its background is dark (median brightness "
+            f"{dark:.0f} of 255), as in fluorescence; skipped (tiles of it would pass the colour "
+            "filter as stained tissue)")
     return tissue_mask(rgb), mpp / slide.mpp
 
 
