@@ -180,7 +180,9 @@ def read_slide_list(csv_path: Path | str) -> list[dict]:
     URL, or relative to the CSV), optional ``slide_id``, ``mpp`` (override) and ``group``."""
     remote = not is_local(str(csv_path))
     try:
-        with fsspec.open(str(csv_path), "rt", newline="") if remote else open(csv_path, newline="") as f:
+        # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column name
+        with fsspec.open(str(csv_path), "rt", newline="", encoding="utf-8-sig") if remote else \
+                open(csv_path, newline="", encoding="utf-8-sig") as f:
             return _slide_rows(csv_path, csv.DictReader(f), remote)
     except (PlanError, StorageError):
         raise
@@ -212,9 +214,14 @@ def _slide_rows(csv_path, reader: csv.DictReader, remote: bool) -> list[dict]:
             else:
                 p = os.path.abspath(Path(csv_path).parent / p)
         try:
-            rows.append(_row(p, r.get("slide_id"), r.get("group"), r.get("mpp")))
-        except ValueError as e:
-            raise PlanError(f"{csv_path}:{n}: mpp {r.get('mpp')!r} is not a number") from e
+            row = _row(p, r.get("slide_id"), r.get("group"), r.get("mpp"))
+        except ValueError:
+            row = {"mpp": math.nan}
+        lo, hi = PLAUSIBLE_MPP
+        if row["mpp"] is not None and not (_real(row["mpp"]) and lo <= row["mpp"] <= hi):
+            raise PlanError(f"{csv_path}:{n}: mpp {r.get('mpp')!r} is not a valid µm/px: give a "
+                            f"number in [{lo:g}, {hi:g}], or leave it empty to use the slide's own")
+        rows.append(row)
     return rows
 
 
@@ -299,6 +306,25 @@ def stamp_files(slides: list[SlideSpec]) -> None:
         list(pool.map(stamp, slides))
 
 
+def merge_rows(rows: list[dict]) -> list[dict]:
+    """One row per path: a slide given twice (a folder and a slide list naming some of its
+    slides to set their µm/px, say) is one slide, with the values given (a list's) over the
+    blanks (a folder's). PlanError when the two give different values (one file under two
+    slide ids)."""
+    merged: dict[str, dict] = {}
+    for row in rows:
+        first = merged.setdefault(row["path"], dict(row))
+        for name, value in row.items():
+            if value is None or name == "path":
+                continue
+            if first[name] is not None and first[name] != value:
+                raise PlanError(
+                    f"{row['path']} is given twice with different {name} values, {first[name]!r} "
+                    f"and {value!r}; give each slide once (one {name} per file)")
+            first[name] = value
+    return list(merged.values())
+
+
 def split_evenly(total: int, parts: int) -> list[int]:
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
@@ -322,7 +348,7 @@ def make_plan(
             require(_whole(value) and value >= 1, f"{option} must be a whole number >= 1", value)
     require(_whole(slides_per_job) and slides_per_job >= 1,
             "--slides-per-job must be a whole number >= 1", slides_per_job)
-    rows = collect_inputs(inputs)
+    rows = merge_rows(collect_inputs(inputs))
     seen: dict[str, str] = {}
     slides = []
     for r in rows:

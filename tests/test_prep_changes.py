@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import fsspec
+import pytest
 
 from midnight_prep.plan import Plan
 
@@ -68,3 +69,30 @@ def test_an_object_replaced_after_plan_is_refused_by_name(slide_dir, s3_env, tmp
     done = prep("run", out, "--stage-dir", tmp_path / "stage")
     assert done.returncode == 1
     assert "changed since the plan was made (ETag" in done.stdout and url in done.stdout
+
+
+def test_slide_lists_merge_a_folders_slides_and_read_a_bom(slide_dir, tmp_path):
+    from midnight_prep.plan import BuildParams, PlanError, make_plan
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("generic40x.tiff", "nompp.tiff"):
+        (slides / name).symlink_to(slide_dir / name)
+    # A spreadsheet's CSV (byte-order mark) that sets the µm/px of one slide of the folder.
+    listed = tmp_path / "list.csv"
+    listed.write_text("path,mpp,slide_id\nslides/nompp.tiff,0.5,small\n", encoding="utf-8-sig")
+    params = BuildParams(mpps=(1.0,))
+    plan = make_plan([str(slides), str(listed)], str(tmp_path / "out"), params, tiles_per_slide=4)
+    found = {s.slide_id: (s.path, s.mpp) for s in plan.slides}
+    assert found == {"generic40x": (str(slides / "generic40x.tiff"), None),
+                     "small": (str(slides / "nompp.tiff"), 0.5)}  # once, the list's values
+
+    twice = tmp_path / "twice.csv"
+    twice.write_text("path,slide_id\nslides/nompp.tiff,a\nslides/nompp.tiff,b\n")
+    with pytest.raises(PlanError, match="nompp.tiff is given twice with different slide_id"):
+        make_plan([str(twice)], str(tmp_path / "out"), params, tiles_per_slide=4)
+
+    negative = tmp_path / "negative.csv"
+    negative.write_text("path,mpp\nslides/nompp.tiff,-0.5\n")
+    with pytest.raises(PlanError, match=r"negative.csv:2: mpp '-0.5' is not a valid µm/px"):
+        make_plan([str(negative)], str(tmp_path / "out"), params, tiles_per_slide=4)
