@@ -96,3 +96,22 @@ def test_slide_lists_merge_a_folders_slides_and_read_a_bom(slide_dir, tmp_path):
     negative.write_text("path,mpp\nslides/nompp.tiff,-0.5\n")
     with pytest.raises(PlanError, match=r"negative.csv:2: mpp '-0.5' is not a valid µm/px"):
         make_plan([str(negative)], str(tmp_path / "out"), params, tiles_per_slide=4)
+
+
+def test_written_files_follow_the_umask(slide_dir, tmp_path):
+    import os
+    import stat
+
+    from midnight_prep import shards
+
+    old = os.umask(0o022)
+    try:
+        shards.create_new(b"{}", str(tmp_path / "a.json"))
+        (tmp_path / "local.tar").write_bytes(b"x")
+        shards.publish(str(tmp_path / "local.tar"), str(tmp_path / "out" / "b.tar"))
+        done = prep("plan", slide_dir / "generic40x.tiff", "-o", tmp_path / "plan", *FAST)
+        assert done.returncode == 0, done.stderr
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "a.json", tmp_path / "out" / "b.tar", tmp_path / "plan" / "plan.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path  # readable by colleagues
