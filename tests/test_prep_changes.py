@@ -115,3 +115,19 @@ def test_written_files_follow_the_umask(slide_dir, tmp_path):
         os.umask(old)
     for path in (tmp_path / "a.json", tmp_path / "out" / "b.tar", tmp_path / "plan" / "plan.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path  # readable by colleagues
+
+
+def test_status_into_a_closed_pipe_exits_quietly(slide_dir, tmp_path):
+    import os
+
+    out = tmp_path / "out"
+    done = prep("build", slide_dir / "generic40x.tiff", "-o", out, *FAST)
+    assert done.returncode == 0, done.stderr
+    read, write = os.pipe()
+    os.close(read)  # as `| head` does once it has its lines
+    try:
+        done = subprocess.run([*CLI, "status", str(out), "--verify"], stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert done.returncode != 0 and done.stderr == ""
