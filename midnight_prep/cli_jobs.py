@@ -135,8 +135,12 @@ def execute(plan: Plan, jobs, workers: int, verify: bool, retry_failed: bool,
     executor = executor or functools.partial(run_jobs, workers=workers)
     with sigterm_exits():
         ran, failed_jobs = _run_with_progress(plan, pending, executor, redo, done)
-    summary = summarize(ran)
-    click.echo(format_summary(summary, wall_seconds=time.time() - started if ran else None))
+    if ran or not done:
+        click.echo(format_summary(summarize(ran), wall_seconds=time.time() - started if ran else None))
+    else:  # a rerun of a finished output: what is there, not "0 tiles in 0 shards from 0 jobs"
+        lines = format_summary(summarize(list(done.values())), brief=True).split("\n")
+        lines[0] = f"{len(done)} of {len(jobs)} jobs already done ({lines[0]}); nothing left to run"
+        click.echo("\n".join(lines))
     for job_id, error in failed_jobs:
         click.echo(f"  job {job_id} did not finish ({type(error).__name__}: {error}); "
                    "run the same command again to retry it", err=True)

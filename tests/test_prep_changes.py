@@ -131,3 +131,13 @@ def test_status_into_a_closed_pipe_exits_quietly(slide_dir, tmp_path):
     finally:
         os.close(write)
     assert done.returncode != 0 and done.stderr == ""
+
+
+def test_a_rerun_of_a_finished_build_says_what_is_there(slide_dir, tmp_path):
+    args = ["build", slide_dir / "generic40x.tiff", slide_dir / "scan20x.tiff", "-o",
+            tmp_path / "out", *FAST]
+    assert prep(*args).returncode == 0
+    again = prep(*args)
+    assert again.returncode == 0, again.stderr
+    assert "2 of 2 jobs already done (8 tiles in 2 shards from 2 jobs)" in again.stdout
+    assert "0 tiles in 0 shards" not in again.stdout
