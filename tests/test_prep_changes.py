@@ -141,3 +141,18 @@ def test_a_rerun_of_a_finished_build_says_what_is_there(slide_dir, tmp_path):
     assert again.returncode == 0, again.stderr
     assert "2 of 2 jobs already done (8 tiles in 2 shards from 2 jobs)" in again.stdout
     assert "0 tiles in 0 shards" not in again.stdout
+
+
+def test_estimate_applies_the_per_slide_cap_and_skipped_magnifications(slide_dir, tmp_path):
+    done = prep("plan", slide_dir / "generic40x.tiff", slide_dir / "scan20x.tiff", "-o",
+                tmp_path / "out", "--mpp", "0.25", "--tiles-per-slide", 1_000_000, "--estimate",
+                "--json")
+    assert done.returncode == 0, done.stderr
+    e = json.loads(done.stdout)["estimate"]
+    # scan20x (0.5 µm/px) cannot give 0.25 (the dry run's "will be skipped"); generic40x
+    # (3072 x 2560 px at 0.25) at most 16 x its area / the tile's.
+    assert e["tiles_asked"] == 2_000_000
+    assert e["tiles"] == e["tiles_per_mpp"]["0.25"] == 16 * 3072 * 2560 // 256 ** 2
+    text = prep("plan", slide_dir / "generic40x.tiff", slide_dir / "scan20x.tiff", "-o",
+                tmp_path / "out", "--mpp", "0.25", "--tiles-per-slide", 1_000_000, "--estimate")
+    assert "at most 1,920 (0.25: 1,920) of 2,000,000 asked" in text.stdout
