@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import click
 from tqdm import tqdm
 
-from . import locks, shards, storage
+from . import locks, shards, staging, storage
 from .executors import run_jobs, sigterm_exits
 from .jobstate import JobState, check_jobs, foreign_message, other_manifests
 from .plan import BuildParams, Plan, PlanError, make_plan
@@ -131,6 +131,10 @@ def execute(plan: Plan, jobs, workers: int, verify: bool, retry_failed: bool,
     pending = [j for j in jobs if j.job_id not in done]
     click.echo(f"{len(jobs) - len(pending)} of {len(jobs)} jobs already done; running {len(pending)} "
                f"{where or f'with {workers} worker(s)'} -> {plan.output}", err=True)
+    if any(not shards.is_local(s.path) for j in pending for s in j.slides):
+        click.echo(f"remote slides are staged (copied for OpenSlide) in {staging.default_root()}, "
+                   "each removed after its job; --stage-dir / --stage-max-gb to change",
+                   err=True)
     started = time.time()
     executor = executor or functools.partial(run_jobs, workers=workers)
     with sigterm_exits():

@@ -30,6 +30,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -43,6 +44,8 @@ import fsspec
 
 from .shards import is_local, local_path
 from .storage import StorageError, backoff, endpoint_of, is_transient, storage_message
+
+log = logging.getLogger(__name__)
 
 # Options of the command line (midnight-prep --stage-dir / --stage-max-gb) reach pool workers
 # and other engines' tasks through these environment variables.
@@ -400,6 +403,7 @@ class SlideCache:
     def _retrying(self, url: str, action):
         """``action()``, retried on transient storage errors with backoff for ``retry_s``."""
         waits = backoff(self.retry_s)
+        told = False
         while True:
             try:
                 return action()
@@ -412,6 +416,11 @@ class SlideCache:
                 if wait is None:
                     raise StagingError(storage_message(url, exn, "read") + f" Gave up after "
                                        f"retrying for {self.retry_s:g} s.") from exn
+                if not told:  # say what the wait is for, once per slide, not minutes of silence
+                    told = True
+                    log.warning("cannot read %s (%s: %s); retrying for up to %g s (is the storage "
+                                "server at %s up?)", url, type(exn).__name__, exn, self.retry_s,
+                                endpoint_of(url))
                 time.sleep(wait)
 
 

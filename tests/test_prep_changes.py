@@ -156,3 +156,45 @@ def test_estimate_applies_the_per_slide_cap_and_skipped_magnifications(slide_dir
     text = prep("plan", slide_dir / "generic40x.tiff", slide_dir / "scan20x.tiff", "-o",
                 tmp_path / "out", "--mpp", "0.25", "--tiles-per-slide", 1_000_000, "--estimate")
     assert "at most 1,920 (0.25: 1,920) of 2,000,000 asked" in text.stdout
+
+
+def test_a_local_list_of_s3_slides_with_the_store_down(slide_dir, s3_env, tmp_path):
+    import os
+    import threading
+    import time
+
+    from midnight_prep.plan import BuildParams, JobSpec, Plan, SlideSpec
+
+    url = "s3://midnight/changes/down/generic40x.tiff"
+    fsspec.filesystem("s3").put_file(str(slide_dir / "generic40x.tiff"), url)
+    listed = tmp_path / "list.csv"
+    listed.write_text(f"path\n{url}\n")
+    later = tmp_path / "later"  # a plan made while the store was up
+    later.mkdir()
+    plan = Plan(str(later), BuildParams(mpps=(1.0,)),
+                [JobSpec("job-000000", [SlideSpec(url, "g", quotas={"1": 4})])])
+    (later / "plan.json").write_text(plan.to_json())
+    s3_env.kill()
+    try:
+        start = time.monotonic()  # build: the first look at the slides' store, in seconds
+        done = prep("build", listed, "-o", tmp_path / "out", *FAST)
+        assert done.returncode != 0 and time.monotonic() - start < 60
+        assert "cannot use s3://midnight/changes/down" in done.stderr
+        assert "storage server is up" in done.stderr and "Traceback" not in done.stderr
+        # `run` of the earlier plan: staging says at once what it is waiting for.
+        proc = subprocess.Popen([*CLI, "run", str(later)], stderr=subprocess.PIPE,
+                                stdout=subprocess.DEVNULL, text=True,
+                                env={**os.environ, "MIDNIGHT_STAGE_DIR": str(tmp_path / "stage")})
+        said: list[str] = []
+        threading.Thread(target=lambda: said.extend(proc.stderr), daemon=True).start()
+        try:
+            deadline = time.monotonic() + 30
+            while "retrying for up to" not in "".join(said) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert f"cannot read {url}" in "".join(said) and "retrying for up to" in "".join(said)
+        finally:
+            proc.kill()
+            proc.wait()
+        assert f"remote slides are staged (copied for OpenSlide) in {tmp_path / 'stage'}" in "".join(said)
+    finally:
+        s3_env.start()
