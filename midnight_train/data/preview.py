@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from midnight_train.data.config import DataConfig
 from midnight_train.data.crops import CropBatch, decode_tile, draw_geometry
@@ -23,7 +23,6 @@ from midnight_train.data.sources import list_shards, manifest_counts
 from midnight_train.method.augment import AugmentConfig, ColorAugment
 
 PAD = 4
-HEADER = 12  # px: the column names
 
 
 def inspect_source(source: str, *, n_samples: int = 200, count_shards: int = 16) -> dict[str, Any]:
@@ -276,24 +275,17 @@ def _augmented(batch: CropBatch, originals: list[np.ndarray], data_cfg: DataConf
 
 def render_preview(data_cfg: DataConfig, aug_cfg: AugmentConfig, out: str | Path, *,
                    n_samples: int = 4, seed: int = 0) -> Path:
-    """Write the grid: a header row naming the columns, then one row per sample: original |
-    global 1 | global 2 | locals (2 rows)."""
+    """Write the grid: one row per sample: original | global 1 | global 2 | locals (2 rows)."""
     originals, g, loc = preview_batch(data_cfg, aug_cfg, n_samples=n_samples, seed=seed)
     gs = g.shape[2]
     n_local = loc.shape[0]
     cell = min(loc.shape[2], (gs - PAD) // 2)  # locals shown at natural size when they fit
     cols = (n_local + 1) // 2
     width = PAD + 3 * (gs + PAD) + cols * (cell + PAD)
-    height = HEADER + PAD + n_samples * (gs + PAD)
+    height = PAD + n_samples * (gs + PAD)
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    names = ("original", "global 1", "global 2", f"{n_local} local")
-    if max(draw.textlength(n) for n in names[:3]) > gs:  # tiny crops: short names
-        names = ("orig", "g1", "g2", "loc")
-    for c, name in enumerate(names):
-        draw.text((PAD + c * (gs + PAD), 2), name, fill=(0, 0, 0))
     for i in range(n_samples):
-        y = HEADER + PAD + i * (gs + PAD)
+        y = PAD + i * (gs + PAD)
         canvas.paste(Image.fromarray(np.asarray(originals[i], dtype=np.uint8)).resize((gs, gs), Image.Resampling.LANCZOS), (PAD, y))
         for c in range(2):
             canvas.paste(Image.fromarray(g[c, i]), (PAD + (c + 1) * (gs + PAD), y))

@@ -37,14 +37,13 @@ def timm_config(arch: str, model_args: dict[str, Any], num_features: int, img_si
 
 
 def training_data_summary(source: Any) -> str:
-    """What the shards a run trained on hold, from the shard builder's manifests (tiles,
-    slides, tiles per µm/px), as one line; sources whose manifests cannot be read follow as
-    indented items saying so."""
+    """A few lines on the shards a run trained on, from the shard builder's manifests (tiles,
+    slides, tiles per µm/px); says so when they cannot be read."""
     import fsspec
 
     sources = [source] if isinstance(source, str) else list(source or [])
     tiles, slides, per_mpp = 0, set(), Counter()
-    problems = []
+    lines = []
     for item in sources:
         try:
             fs, path = fsspec.core.url_to_fs(str(item))
@@ -59,32 +58,13 @@ def training_data_summary(source: Any) -> str:
                     for mpp, n in (s.get("written") or {}).items():
                         per_mpp[mpp] += int(n)
             if not manifests:
-                problems.append(f"  - `{item}`: no shard-builder manifests (counts unknown)")
+                lines.append(f"- `{item}`: no shard-builder manifests (counts unknown)")
         except Exception as exn:  # the card is still written; it says what it could not read
-            problems.append(f"  - `{item}`: manifests not readable here ({type(exn).__name__})")
+            lines.append(f"- `{item}`: manifests not readable here ({type(exn).__name__})")
     if tiles:
         mpps = ", ".join(f"{k} µm/px: {v:,}" for k, v in sorted(per_mpp.items(), key=lambda kv: float(kv[0])))
-        head = f"{tiles:,} tiles from {len(slides):,} slides ({mpps})"
-    else:
-        head = ", ".join(f"`{s}`" for s in sources) or "unknown"
-    return "\n".join([head, *problems])
-
-
-def data_lines(data: dict[str, Any]) -> str:
-    """The card's data items: shards (with their counts) and slides tiled online, each on its
-    own item."""
-    def sources(key: str) -> list[str]:
-        found = [data.get(key)] + [d.get(key) for d in data.get("datasets") or []]
-        return [str(x) for f in found if f for x in ([f] if isinstance(f, str) else f)]
-
-    shards, slides = sources("shards"), sources("slides")
-    lines = []
-    if shards:
-        lines.append(f"- Data (shards): {training_data_summary(shards)}")
-    if slides:
-        listed = ", ".join(f"`{s}`" for s in slides)
-        lines.append(f"- Data (slides, tiles cut during training): {listed}")
-    return "\n".join(lines) or "- Data: unknown (no data source recorded)"
+        lines.insert(0, f"- {tiles:,} tiles from {len(slides):,} slides ({mpps})")
+    return "\n".join(lines) or "- unknown (no shard source recorded)"
 
 
 def model_card(*, name: str, arch: str, img_size: int, num_features: int, mean: list[float],
@@ -93,6 +73,7 @@ def model_card(*, name: str, arch: str, img_size: int, num_features: int, mean: 
     data = config.get("data") or {}
     train = config.get("train") or {}
     loss = config.get("loss") or {}
+    source = data.get("shards") or [d.get("shards") for d in data.get("datasets") or []]
     return f"""---
 library_name: timm
 license: other  # fill in the licence of your weights and data
@@ -127,7 +108,8 @@ mean = {list(mean)} and std = {list(std)}.
 
 ## Training
 
-{data_lines(data)}
+- Data (shards):
+{training_data_summary(source)}
 - Crops: 2 global × {data.get("global_crop_size")} px, {data.get("n_local_crops")} local × {data.get("local_crop_size")} px
 - Steps: {train.get("max_steps")} optimiser steps, batch {data.get("batch_size")} per process,
   gradient accumulation {train.get("grad_accum")}, base lr {train.get("base_lr")}
