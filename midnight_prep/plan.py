@@ -292,7 +292,7 @@ def stamp_files(slides: list[SlideSpec]) -> None:
     seconds."""
     remote = [s for s in slides if not is_local(s.path)]
     if remote:
-        probe(folder_of(remote[0].path))
+        probe(remote[0].path)  # the object, not its folder: no listing of a large prefix
 
     def stamp(spec: SlideSpec) -> None:
         try:
