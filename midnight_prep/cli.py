@@ -101,14 +101,14 @@ def _cost(options: dict, dry_run: bool, nodes: int, cores_per_node: int, sizes_f
     """`plan --estimate` / `plan --dry-run`: the cost model, after the recipe's checks with
     ``dry_run``; the exit status."""
     from .dryrun import dry_run as check
-    from .estimate import estimate, format_estimate, slide_sizes
+    from .estimate import estimate, format_estimate, slide_limits, slide_sizes
 
     plan = plan_from_options(**options)
     try:
         sizes = slide_sizes([s.path for s in plan.slides], sizes_file)
     except (OSError, ValueError) as e:
         raise click.UsageError(f"--slide-sizes: {e}") from e
-    cost = estimate(plan, nodes, cores_per_node, sizes)
+    cost = estimate(plan, nodes, cores_per_node, sizes, slide_limits(plan))
     checked = check(plan) if dry_run else None
     if as_json:
         click.echo(json.dumps({"estimate": cost, **(checked or {})}, indent=1))

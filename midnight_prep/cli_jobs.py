@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import click
 from tqdm import tqdm
 
-from . import locks, shards, storage
+from . import locks, shards, staging, storage
 from .executors import run_jobs, sigterm_exits
 from .jobstate import JobState, check_jobs, foreign_message, other_manifests
 from .plan import BuildParams, Plan, PlanError, make_plan
@@ -131,12 +131,20 @@ def execute(plan: Plan, jobs, workers: int, verify: bool, retry_failed: bool,
     pending = [j for j in jobs if j.job_id not in done]
     click.echo(f"{len(jobs) - len(pending)} of {len(jobs)} jobs already done; running {len(pending)} "
                f"{where or f'with {workers} worker(s)'} -> {plan.output}", err=True)
+    if any(not shards.is_local(s.path) for j in pending for s in j.slides):
+        click.echo(f"remote slides are staged (copied for OpenSlide) in {staging.default_root()}, "
+                   "each removed after its job; --stage-dir / --stage-max-gb to change",
+                   err=True)
     started = time.time()
     executor = executor or functools.partial(run_jobs, workers=workers)
     with sigterm_exits():
         ran, failed_jobs = _run_with_progress(plan, pending, executor, redo, done)
-    summary = summarize(ran)
-    click.echo(format_summary(summary, wall_seconds=time.time() - started if ran else None))
+    if ran or not done:
+        click.echo(format_summary(summarize(ran), wall_seconds=time.time() - started if ran else None))
+    else:  # a rerun of a finished output: what is there, not "0 tiles in 0 shards from 0 jobs"
+        lines = format_summary(summarize(list(done.values())), brief=True).split("\n")
+        lines[0] = f"{len(done)} of {len(jobs)} jobs already done ({lines[0]}); nothing left to run"
+        click.echo("\n".join(lines))
     for job_id, error in failed_jobs:
         click.echo(f"  job {job_id} did not finish ({type(error).__name__}: {error}); "
                    "run the same command again to retry it", err=True)
@@ -247,10 +255,12 @@ def executor_for(executor: str, workers: int, ray_address: str | None, ray_jobs_
             raise click.UsageError("--ray-address needs --executor ray")
         yield None, f"with {workers} worker(s)"
         return
-    from .ray_executor import RayExecutor, RayUnavailable, check_installed
+    from .ray_executor import RayExecutor, RayUnavailable, check_installed, check_reachable
 
     try:
         check_installed()
+        if ray_address:  # before any planning: an address where nothing answers, in seconds
+            check_reachable(ray_address)
         with RayExecutor(ray_address, None if ray_address else workers, ray_retries,
                          ray_jobs_per_worker) as ray_executor:
             yield ray_executor, (f"on the Ray cluster at {ray_address}" if ray_address else

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import sys
 
 import click
 
@@ -79,6 +81,10 @@ def one_line_errors(command):
             return command(*args, **kwargs)
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
+        except BrokenPipeError:  # `... | head` stopped reading: nothing to say, nobody to say it to
+            # Python's own flush at exit would complain on stderr: send the rest nowhere.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         except storage.StorageError as e:  # already one paragraph: where, and what to check
             if debug:
                 raise

@@ -93,6 +93,32 @@ def slide_sizes(paths: list[str], sizes_file: str | None = None) -> dict[str, in
     return sizes
 
 
+def slide_limits(plan: Plan) -> dict[str, dict[str, int]]:
+    """path -> µm/px -> the most tiles that slide can give there, from its header (no pixel
+    read; local slides that open): 0 where it cannot give that µm/px (the dry run's "will be
+    skipped"), else the per-slide cap (`job.tile_cap`) with the whole slide taken for tissue,
+    an upper bound. Remote slides and those that do not open are left out (as asked)."""
+    from .job import tile_target
+    from .slides import Slide, SlideError
+
+    p = plan.params
+    limits: dict[str, dict[str, int]] = {}
+    for spec in plan.slides:
+        if not is_local(spec.path) or not os.path.exists(local_path(spec.path)):
+            continue
+        try:
+            with Slide(local_path(spec.path), mpp_override=spec.mpp) as slide:
+                area = float(slide.width) * slide.height
+                limits[spec.path] = {}
+                for mpp in p.mpps:
+                    target = tile_target(slide, p, mpp)
+                    limits[spec.path][f"{mpp:g}"] = (
+                        0 if target is None else int(p.max_coverage * area / target.extent ** 2))
+        except SlideError:
+            continue
+    return limits
+
+
 def _wall_hours(job_tiles: list[int], workers: int, rate: float) -> float:
     """Makespan of the jobs on ``workers`` cores, longest job first onto the least loaded core
     (jobs are the unit of work: one job runs on one core)."""
@@ -103,15 +129,22 @@ def _wall_hours(job_tiles: list[int], workers: int, rate: float) -> float:
 
 
 def estimate(plan: Plan, nodes: int = DEFAULT_NODES, cores_per_node: int = DEFAULT_CORES_PER_NODE,
-             sizes: dict[str, int | None] | None = None) -> dict:
-    """The cost model of ``plan`` (tiles as asked: shortfalls only make it cheaper)."""
+             sizes: dict[str, int | None] | None = None,
+             limits: dict[str, dict[str, int]] | None = None) -> dict:
+    """The cost model of ``plan``: tiles as asked, lowered to ``limits`` (`slide_limits`)
+    where given; shortfalls only make it cheaper."""
     p = plan.params
+    limits = limits or {}
     per_mpp = {f"{m:g}": 0 for m in p.mpps}
     job_tiles = []
+    asked = limited = 0
     for job in plan.jobs:
         n = 0
         for s in job.slides:
             for mpp, q in s.quotas.items():
+                asked += q
+                if mpp in limits.get(s.path, {}) and limits[s.path][mpp] < q:
+                    q, limited = limits[s.path][mpp], limited + 1
                 per_mpp[mpp] = per_mpp.get(mpp, 0) + q
                 n += q
         job_tiles.append(n)
@@ -127,6 +160,8 @@ def estimate(plan: Plan, nodes: int = DEFAULT_NODES, cores_per_node: int = DEFAU
         "slides": len(plan.slides),
         "jobs": len(plan.jobs),
         "tiles": tiles,
+        "tiles_asked": asked,
+        "limited": limited,  # (slide, µm/px) whose quota was lowered: capped, or skipped
         "tiles_per_mpp": per_mpp,
         "tiles_per_job": {"min": min(job_tiles, default=0), "mean": round(tiles / max(1, len(job_tiles)), 1),
                           "max": max(job_tiles, default=0)},
@@ -158,7 +193,11 @@ def format_estimate(e: dict) -> str:
     return "\n".join([
         "cost model (no pixels read; rates and shard bytes measured, see BENCHMARKS.md):",
         f"  slides, jobs   {e['slides']:,} slides in {e['jobs']:,} jobs",
-        f"  tiles          {e['tiles']:,} asked ({mix}); per job {per_job['min']:,}-{per_job['max']:,}",
+        f"  tiles          {e['tiles']:,} asked ({mix}); per job {per_job['min']:,}-{per_job['max']:,}"
+        if not e.get("limited") else
+        f"  tiles          at most {e['tiles']:,} ({mix}) of {e['tiles_asked']:,} asked; per job "
+        f"{per_job['min']:,}-{per_job['max']:,} ({e['limited']} slide x µm/px lowered: µm/px a "
+        "slide cannot give, or the per-slide cap, max_coverage x slide area / tile area)",
         f"  shards         {e['shards']:,} of at most {e['shard_size']:,} tiles, {e['jobs']:,} manifests",
         f"  CPU            {core['low']:.3g}-{core['high']:.3g} core-hours "
         f"(at {rate['fast']:.0f}-{rate['slow']:.0f} tiles/s per core)",

@@ -21,8 +21,8 @@ from .locks import HOST, pid_alive
 from .plan import BuildParams, JobSpec, SlideSpec
 from .sampling import candidate_positions, slide_rng
 from .slides import Level, Slide, SlideError, downscale, read_size_for
-from .staging import SlideCache, StagingError, default_cache
-from .tissue import ForegroundMap, tissue_mask
+from .staging import SlideCache, Staged, StagingError, default_cache
+from .tissue import ForegroundMap, dark_background, tissue_mask
 
 # The smallest tile should cover about this many mask pixels across (>= 3 needed for the
 # integral-image foreground check to be meaningful).
@@ -74,9 +74,16 @@ def mask_mpp(slide: Slide, params: BuildParams) -> float:
 
 def slide_mask(slide: Slide, params: BuildParams) -> tuple[np.ndarray, float]:
     """The slide's tissue mask (a thumbnail read: the costly part of a slide's set-up) and its
-    cell side in level-0 pixels."""
+    cell side in level-0 pixels. SlideError for a slide that is not brightfield (a dark
+    background: fluorescence), for the builder and online sampling alike."""
     mpp = mask_mpp(slide, params)
     rgb = np.concatenate(list(slide.thumbnail_strips(mpp)), axis=0)
+    dark = dark_background(rgb)
+    if dark is not None:
+        raise SlideError(
+            f"not a brightfield (H&E) slide: its background is dark (median brightness "
+            f"{dark:.0f} of 255), as in fluorescence; skipped (tiles of it would pass the colour "
+            "filter as stained tissue)")
     return tissue_mask(rgb), mpp / slide.mpp
 
 
@@ -273,6 +280,26 @@ def _sample_slide(slide: Slide, spec: SlideSpec, params: BuildParams, report: Sl
         report.written[f"{mpp:g}"] = written
 
 
+def changed_since_planned(spec: SlideSpec, held: Staged) -> None:
+    """SlideError naming the slide when its file is not the one planned (another size, or on
+    object storage another ETag): tiles of another file must not pass as the plan's."""
+    if spec.size is None:
+        return  # a plan of an older version, or a file missing when planned
+    if held.size is None:  # a local file
+        try:
+            size, etag = os.path.getsize(held.path), None
+        except OSError:
+            return  # missing: Slide() says so
+    else:
+        size, etag = held.size, held.etag
+    if size != spec.size or (spec.etag and etag and etag != spec.etag):
+        what = (f"{spec.size} bytes then, {size} now" if size != spec.size
+                else f"ETag {spec.etag} then, {etag} now")
+        raise SlideError(
+            f"{spec.path} (slide {spec.slide_id}) changed since the plan was made ({what}); "
+            "put the planned file back, or plan again into a new --output")
+
+
 def process_slide(spec: SlideSpec, params: BuildParams, emit, progress: Progress | None = None,
                   cache: SlideCache | None = None) -> SlideReport:
     """Sample one slide into ``emit``; every failure is caught and reported, never raised. A
@@ -281,10 +308,12 @@ def process_slide(spec: SlideSpec, params: BuildParams, emit, progress: Progress
     report = SlideReport(spec.slide_id, spec.path, asked=dict(spec.quotas))
     local = spec.path
     try:
-        with (cache or default_cache()).open_local(spec.path, keep=False) as local, \
-                Slide(local, mpp_override=spec.mpp) as slide:
-            report.mpp, report.mpp_source = slide.mpp, slide.mpp_source
-            _sample_slide(slide, spec, params, report, emit, progress)
+        with (cache or default_cache()).acquire(spec.path, keep=False) as held:
+            local = held.path
+            changed_since_planned(spec, held)
+            with Slide(local, mpp_override=spec.mpp) as slide:
+                report.mpp, report.mpp_source = slide.mpp, slide.mpp_source
+                _sample_slide(slide, spec, params, report, emit, progress)
     except (SlideError, StagingError) as e:
         report.status, report.error = "failed", str(e).replace(local, spec.path)  # not the copy's
     except Exception as e:  # an unexpected library error on one slide must not end the job

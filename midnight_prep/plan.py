@@ -10,6 +10,7 @@ import json
 import math
 import os
 import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import fsspec
 
 from .shards import JPEG_QUALITY, canonical, folder_of, is_local, local_path, safe_slide_id
 from .slides import PLAUSIBLE_MPP
-from .storage import PERMANENT, StorageError, is_transient, storage_message
+from .storage import PERMANENT, StorageError, is_transient, probe, storage_message
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
                     ".svslide")
@@ -111,6 +112,15 @@ class SlideSpec:
     group: str = "default"
     mpp: float | None = None  # override, used only when the file has no usable µm/px
     quotas: dict[str, int] = field(default_factory=dict)  # str(µm/px) -> tiles
+    # The file as planned (None: not known, as in plans of older versions): a run refuses a
+    # slide whose size (or, on object storage, ETag) changed since. Not part of the plan's
+    # hash: they say which file, not what is built from it.
+    size: int | None = None
+    etag: str | None = None
+
+
+# SlideSpec fields left out of Plan.sha256 (see above): a copied or older plan keeps its hash.
+UNHASHED = ("size", "etag")
 
 
 @dataclass
@@ -136,8 +146,12 @@ class Plan:
         """Identity of what the plan builds (version, params, jobs with their slides and quotas),
         not of where: the same plan given as ./out or /abs/out, or moved, keeps its hash. Every
         manifest records it, so results of another plan are never taken as done."""
-        content = {"version": self.version, "params": asdict(self.params),
-                   "jobs": [asdict(job) for job in self.jobs]}
+        jobs = [asdict(job) for job in self.jobs]
+        for job in jobs:
+            for slide in job["slides"]:
+                for name in UNHASHED:
+                    slide.pop(name)
+        content = {"version": self.version, "params": asdict(self.params), "jobs": jobs}
         return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     @classmethod
@@ -166,7 +180,9 @@ def read_slide_list(csv_path: Path | str) -> list[dict]:
     URL, or relative to the CSV), optional ``slide_id``, ``mpp`` (override) and ``group``."""
     remote = not is_local(str(csv_path))
     try:
-        with fsspec.open(str(csv_path), "rt", newline="") if remote else open(csv_path, newline="") as f:
+        # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column name
+        with fsspec.open(str(csv_path), "rt", newline="", encoding="utf-8-sig") if remote else \
+                open(csv_path, newline="", encoding="utf-8-sig") as f:
             return _slide_rows(csv_path, csv.DictReader(f), remote)
     except (PlanError, StorageError):
         raise
@@ -198,9 +214,14 @@ def _slide_rows(csv_path, reader: csv.DictReader, remote: bool) -> list[dict]:
             else:
                 p = os.path.abspath(Path(csv_path).parent / p)
         try:
-            rows.append(_row(p, r.get("slide_id"), r.get("group"), r.get("mpp")))
-        except ValueError as e:
-            raise PlanError(f"{csv_path}:{n}: mpp {r.get('mpp')!r} is not a number") from e
+            row = _row(p, r.get("slide_id"), r.get("group"), r.get("mpp"))
+        except ValueError:
+            row = {"mpp": math.nan}
+        lo, hi = PLAUSIBLE_MPP
+        if row["mpp"] is not None and not (_real(row["mpp"]) and lo <= row["mpp"] <= hi):
+            raise PlanError(f"{csv_path}:{n}: mpp {r.get('mpp')!r} is not a valid µm/px: give a "
+                            f"number in [{lo:g}, {hi:g}], or leave it empty to use the slide's own")
+        rows.append(row)
     return rows
 
 
@@ -253,6 +274,57 @@ def collect_inputs(inputs: list[str]) -> list[dict]:
     return rows
 
 
+def file_stamp(path: str) -> tuple[int, str | None]:
+    """(bytes, ETag or None) of a slide file as it is now; raises OSError (or the store's
+    error) when it cannot be looked at."""
+    if is_local(path):
+        return os.path.getsize(local_path(path)), None
+    fs, where = fsspec.core.url_to_fs(path)
+    fs.invalidate_cache(where)
+    info = fs.info(where)
+    return int(info["size"]), (str(info.get("ETag") or info.get("etag") or "") or None)
+
+
+def stamp_files(slides: list[SlideSpec]) -> None:
+    """Record each slide's size (and ETag) in its spec; a slide that cannot be looked at now
+    (missing: the run reports it as a failed slide) is left unknown. Remote slides are looked
+    at in parallel after one quick look at their store, so a store that is down is reported in
+    seconds."""
+    remote = [s for s in slides if not is_local(s.path)]
+    if remote:
+        probe(remote[0].path)  # the object, not its folder: no listing of a large prefix
+
+    def stamp(spec: SlideSpec) -> None:
+        try:
+            spec.size, spec.etag = file_stamp(spec.path)
+        except Exception as e:
+            if is_transient(e):
+                raise StorageError(storage_message(spec.path, e, "look at")) from e
+            spec.size = spec.etag = None  # missing or unreadable: the run says why
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(stamp, slides))
+
+
+def merge_rows(rows: list[dict]) -> list[dict]:
+    """One row per path: a slide given twice (a folder and a slide list naming some of its
+    slides to set their µm/px, say) is one slide, with the values given (a list's) over the
+    blanks (a folder's). PlanError when the two give different values (one file under two
+    slide ids)."""
+    merged: dict[str, dict] = {}
+    for row in rows:
+        first = merged.setdefault(row["path"], dict(row))
+        for name, value in row.items():
+            if value is None or name == "path":
+                continue
+            if first[name] is not None and first[name] != value:
+                raise PlanError(
+                    f"{row['path']} is given twice with different {name} values, {first[name]!r} "
+                    f"and {value!r}; give each slide once (one {name} per file)")
+            first[name] = value
+    return list(merged.values())
+
+
 def split_evenly(total: int, parts: int) -> list[int]:
     base, extra = divmod(total, parts)
     return [base + (1 if i < extra else 0) for i in range(parts)]
@@ -276,7 +348,7 @@ def make_plan(
             require(_whole(value) and value >= 1, f"{option} must be a whole number >= 1", value)
     require(_whole(slides_per_job) and slides_per_job >= 1,
             "--slides-per-job must be a whole number >= 1", slides_per_job)
-    rows = collect_inputs(inputs)
+    rows = merge_rows(collect_inputs(inputs))
     seen: dict[str, str] = {}
     slides = []
     for r in rows:
@@ -293,6 +365,7 @@ def make_plan(
                  else [tiles_per_slide] * len(slides))
     for s, n in zip(slides, per_slide):
         s.quotas = {mpp_key(m): q for m, q in zip(params.mpps, split_evenly(n, len(params.mpps)))}
+    stamp_files(slides)
     jobs = [JobSpec(f"job-{i // slides_per_job:06d}", slides[i:i + slides_per_job])
             for i in range(0, len(slides), slides_per_job)]
     return Plan(canonical(output), params, jobs)

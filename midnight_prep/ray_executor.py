@@ -17,6 +17,7 @@ import logging
 import os
 import pickle
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -34,6 +35,9 @@ LOCAL_OBJECT_STORE_BYTES = 128 * 2**20
 # How often a task sends its progress counts, and how long running tasks get to stop on Ctrl-C.
 PROGRESS_EVERY_S = 0.5
 CANCEL_GRACE_S = 15.0
+# How long the first look at --ray-address may take: Ray itself waits for minutes on an address
+# where nothing listens, printing only its own warnings.
+REACH_TIMEOUT_S = 5.0
 
 
 class RayUnavailable(RuntimeError):
@@ -50,6 +54,22 @@ def check_installed() -> None:
 
     if importlib.util.find_spec("ray") is None:
         raise RayUnavailable(INSTALL_HINT)
+
+
+def check_reachable(address: str, timeout_s: float = REACH_TIMEOUT_S) -> None:
+    """RayUnavailable naming ``address`` ("HOST:PORT" or "ray://HOST:PORT") when nothing
+    accepts a connection there within ``timeout_s``; "auto", "local" and addresses without a
+    port are left to Ray."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayUnavailable(
+            f"cannot join the Ray cluster at {address}: nothing answers there ({e}). Check "
+            "that `ray start --head` runs there and that --ray-address (HOST:PORT of its GCS, "
+            "port 6379 by default) is right") from None
 
 
 def _ray():
@@ -154,6 +174,8 @@ class RayExecutor:
         ray = _ray()
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            if self.address:
+                check_reachable(self.address)
             try:
                 if self.address:
                     ray.init(address=self.address, logging_level=logging.WARNING)

@@ -112,6 +112,18 @@ def background(width: int, height: int, seed: int = 0) -> np.ndarray:
     return np.clip(240 + rng.normal(0, 3, (height, width, 3)), 0, 255).astype(np.uint8)
 
 
+def fluorescence(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A DAPI-like fluorescence image: dark background, a tissue region packed with glowing blue
+    nuclei (blue enough to pass the HSV filter as stained tissue)."""
+    rng = np.random.default_rng(seed)
+    img = np.clip(rng.normal(8, 2, (height, width, 3)), 0, 255)
+    yy, xx = np.mgrid[:height, :width]
+    tissue = ((xx - width / 2) / (width * 0.3)) ** 2 + ((yy - height / 2) / (height * 0.3)) ** 2 < 1
+    nuclei = tissue & (rng.random((height // 8, width // 8)) < 0.85).repeat(8, 0).repeat(8, 1)
+    img[nuclei] = np.clip(rng.normal((60, 90, 230), 10, (int(nuclei.sum()), 3)), 0, 255)
+    return img.astype(np.uint8)
+
+
 def write_demo_slides(directory: Path) -> list[Path]:
     """A small archive for the demo: 40x generic TIFF, 40x Aperio SVS and 20x TIFF pyramids."""
     directory = Path(directory)

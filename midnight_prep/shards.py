@@ -105,7 +105,24 @@ def _partial(target: Path) -> tuple[int, str]:
     """A temporary file next to ``target``, named for it and unique to this writer, so that
     concurrent writers never share one: `.NAME.RANDOM.partial`."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would make a shared output unreadable
+    return fd, tmp
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it where Linux tells it (os.umask sets it,
+    a race with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def publish(local_file: str, url: str) -> None:

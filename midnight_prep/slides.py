@@ -75,6 +75,11 @@ def resolve_mpp(properties: dict, override: float | None = None) -> tuple[float,
             return mpp, "tiff.resolution"
     if override is not None and _plausible(float(override)):
         return float(override), "override"
+    if override is not None:
+        raise SlideError(
+            f"no usable µm/px: the slide has none in its metadata and the slide list's mpp "
+            f"{override!r} is not a valid one (give a number in [{PLAUSIBLE_MPP[0]:g}, "
+            f"{PLAUSIBLE_MPP[1]:g}])")
     raise SlideError(
         "no usable µm/px: the slide has no openslide.mpp-x/y metadata and no plausible TIFF "
         "resolution; add an 'mpp' column for it to the slide list (CSV: path,mpp)"

@@ -7,8 +7,12 @@ several builders, the trainer's data workers).
         Slide(path) ...                       # the file stays while it is held
     held = cache.acquire(url); ...; held.release()   # the same, for longer-lived holders
 
-Local paths pass through untouched. A remote slide is downloaded into a temporary folder and
-renamed into place once complete (sizes checked), so a reader never sees part of one. Entries
+Local paths pass through untouched. A remote slide is looked at on the store at every acquire
+(size and ETag / last-modified of each of its files): an entry is the copy of that version at
+that endpoint (`entry_key`), so a replaced object is fetched anew and a copy is never served
+without a successful look (credentials refused, store down past the retries: StagingError). It
+is downloaded into a temporary folder and renamed into place once complete (sizes checked), so
+a reader never sees part of one. Entries
 are guarded by file locks (`fcntl.flock`, one lock file per entry): holders keep a shared lock,
 so a file in use is never deleted; a downloader holds it exclusively, so concurrent processes
 wait for one copy instead of fetching their own. Unused entries are evicted least recently used
@@ -26,6 +30,7 @@ import fcntl
 import functools
 import hashlib
 import json
+import logging
 import os
 import posixpath
 import shutil
@@ -38,7 +43,9 @@ from contextlib import contextmanager
 import fsspec
 
 from .shards import is_local, local_path
-from .storage import StorageError, backoff, is_transient, storage_message
+from .storage import StorageError, backoff, endpoint_of, is_transient, storage_message
+
+log = logging.getLogger(__name__)
 
 # Options of the command line (midnight-prep --stage-dir / --stage-max-gb) reach pool workers
 # and other engines' tasks through these environment variables.
@@ -79,17 +86,23 @@ def default_max_bytes(root: str) -> int:
     return min(DEFAULT_MAX_BYTES, shutil.disk_usage(root).free // 2)
 
 
-def entry_key(url: str) -> str:
-    """The entry name of ``url``: a hash of the URL (no clash between same-named slides)."""
-    return hashlib.sha256(url.encode()).hexdigest()[:24]
+def entry_key(url: str, version: str = "") -> str:
+    """The entry name of ``url`` as found on the store: a hash of the URL (no clash between
+    same-named slides) and of ``version`` (`_version`: the endpoint and each file's size and
+    ETag/last-modified), so a replaced object or another server's never matches an old copy."""
+    return hashlib.sha256(f"{url}\0{version}".encode()).hexdigest()[:24]
 
 
 class Staged:
     """A held slide: ``path`` is a local file that stays until ``release()`` (or the end of a
     ``with`` block). Holding it keeps it from eviction in every process."""
 
-    def __init__(self, url: str, path: str, release=None) -> None:
+    def __init__(self, url: str, path: str, release=None, size: int | None = None,
+                 etag: str | None = None) -> None:
         self.url, self.path, self._release = url, path, release
+        # The remote slide file's bytes and ETag as the store gave them when staged (None for
+        # a local path), for checks against a plan's record of the file.
+        self.size, self.etag = size, etag
 
     def release(self) -> None:
         if self._release is not None:
@@ -151,7 +164,9 @@ class SlideCache:
             raise StagingError(f"cannot stage {url}: {REFUSED[suffix]}; copy it to local disk "
                                "and give that path instead")
         os.makedirs(self.root, exist_ok=True)
-        key = entry_key(url)
+        # The remote look comes first, every time: which version is there now decides the entry.
+        files = self._retrying(url, lambda: _remote_files(url, name))
+        key = entry_key(url, _version(url, files))
         entry = os.path.join(self.root, key)
         deadline = time.monotonic() + self.wait_s
 
@@ -173,7 +188,7 @@ class SlideCache:
                         # What a process killed while removing this entry left behind.
                         shutil.rmtree(entry, ignore_errors=True)
                         try:
-                            self._download(url, key, name, deadline)
+                            self._download(url, key, files, deadline)
                         except BaseException:
                             os.unlink(self._lock_path(key))  # no entry: leave no lock file
                             raise
@@ -189,7 +204,8 @@ class SlideCache:
             with self._mutex:
                 self._held[key] = self._held.get(key, 0) + size
             return Staged(url, os.path.join(entry, name),
-                          functools.partial(self._release, key, fd, size, keep))
+                          functools.partial(self._release, key, fd, size, keep),
+                          files[0][2], _etag(files[0][3]))
 
     def clean(self) -> int:
         """Remove every entry no process holds (and stale partial downloads); return the bytes
@@ -331,11 +347,11 @@ class SlideCache:
 
     # ------------------------------------------------------------------ downloads
 
-    def _download(self, url: str, key: str, name: str, deadline: float) -> None:
-        """Fetch ``url`` into ``KEY.partial/`` (space reserved first), check sizes, then rename
-        it to ``KEY/``. Called holding ``key``'s lock exclusively."""
-        files = self._retrying(url, lambda: _remote_files(url, name))
-        size = sum(n for _, _, n in files)
+    def _download(self, url: str, key: str, files: list[tuple[str, str, int, str]],
+                  deadline: float) -> None:
+        """Fetch ``files`` of ``url`` into ``KEY.partial/`` (space reserved first), check sizes,
+        then rename it to ``KEY/``. Called holding ``key``'s lock exclusively."""
+        size = sum(n for _, _, n, _ in files)
         if size > self.max_bytes:
             raise StagingError(
                 f"cannot stage {url}: it is {_gb(size)}, more than the slide cache's limit of "
@@ -387,6 +403,7 @@ class SlideCache:
     def _retrying(self, url: str, action):
         """``action()``, retried on transient storage errors with backoff for ``retry_s``."""
         waits = backoff(self.retry_s)
+        told = False
         while True:
             try:
                 return action()
@@ -399,6 +416,11 @@ class SlideCache:
                 if wait is None:
                     raise StagingError(storage_message(url, exn, "read") + f" Gave up after "
                                        f"retrying for {self.retry_s:g} s.") from exn
+                if not told:  # say what the wait is for, once per slide, not minutes of silence
+                    told = True
+                    log.warning("cannot read %s (%s: %s); retrying for up to %g s (is the storage "
+                                "server at %s up?)", url, type(exn).__name__, exn, self.retry_s,
+                                endpoint_of(url))
                 time.sleep(wait)
 
 
@@ -406,29 +428,54 @@ class _SizeMismatch(OSError):
     """A downloaded file is not the size listed (a transfer cut short): worth another try."""
 
 
-def _remote_files(url: str, name: str) -> list[tuple[str, str, int]]:
-    """(remote path, local path relative to the entry, bytes) of the slide's files: the slide,
-    and for MIRAX (.mrxs) every file of the sibling folder of the same stem."""
+# Fields of fsspec's file details that change when an object is replaced (s3fs, gcsfs, local).
+VERSION_FIELDS = ("ETag", "etag", "md5Hash", "VersionId", "LastModified", "updated", "mtime")
+
+
+def _tag(info: dict) -> str:
+    return " ".join(f"{k}={info[k]}" for k in VERSION_FIELDS if info.get(k) not in (None, ""))
+
+
+def _etag(tag: str) -> str | None:
+    """The ETag in a `_tag` string (ETags are quoted and have no spaces), if any."""
+    for part in tag.split(" "):
+        if part.startswith("ETag=") or part.startswith("etag="):
+            return part.split("=", 1)[1]
+    return None
+
+
+def _version(url: str, files: list[tuple[str, str, int, str]]) -> str:
+    """What identifies the copy to stage: the endpoint, then each file's name, size and tag."""
+    return "\n".join([endpoint_of(url)] + [f"{rel} {size} {tag}" for _, rel, size, tag in files])
+
+
+def _remote_files(url: str, name: str) -> list[tuple[str, str, int, str]]:
+    """(remote path, local path relative to the entry, bytes, version tag) of the slide's files,
+    as the store says now (not from a listing cached earlier in this process): the slide, and for
+    MIRAX (.mrxs) every file of the sibling folder of the same stem."""
     fs, path = fsspec.core.url_to_fs(url)
+    fs.invalidate_cache(path)
     info = fs.info(path)
     if info.get("type") == "directory":
         raise IsADirectoryError(errno.EISDIR, "a folder, not a slide file", url)
-    files = [(path, name, int(info["size"]))]
+    files = [(path, name, int(info["size"]), _tag(info))]
     if name.lower().endswith(".mrxs"):
         stem = posixpath.splitext(path)[0]
+        fs.invalidate_cache(stem)
         data = fs.find(stem, detail=True)
         if not data:
             raise FileNotFoundError(errno.ENOENT, "a MIRAX slide needs its data folder "
                                     f"{posixpath.basename(stem)}/ next to the .mrxs file", url)
         base = posixpath.dirname(path)
-        files += [(p, posixpath.relpath(p, base), int(d["size"])) for p, d in sorted(data.items())]
+        files += [(p, posixpath.relpath(p, base), int(d["size"]), _tag(d))
+                  for p, d in sorted(data.items())]
     return files
 
 
-def _fetch(url: str, files: list[tuple[str, str, int]], folder: str) -> None:
+def _fetch(url: str, files: list[tuple[str, str, int, str]], folder: str) -> None:
     """Download ``files`` into ``folder`` and check each one's size."""
     fs, _ = fsspec.core.url_to_fs(url)
-    for remote, relative, size in files:
+    for remote, relative, size, _ in files:
         target = os.path.join(folder, *relative.split("/"))
         os.makedirs(os.path.dirname(target), exist_ok=True)
         fs.get_file(remote, target)

@@ -15,6 +15,20 @@ NEAR_WHITE = 225  # min(R, G, B) above this: glass
 NEAR_BLACK = 30  # max(R, G, B) below this: pen, folds, scanner borders
 
 
+# Median brightness (max of RGB, 0-255) of a thumbnail below which a slide is taken for
+# fluorescence (dark background, stained structures glowing): brightfield glass is near white
+# and even a slide covered in H&E has a median above 100, while between DAPI-stained nuclei it
+# is dark. Such tiles can pass the HSV filter (DAPI is blue), so they are refused per slide.
+DARK_MEDIAN = 64
+
+
+def dark_background(rgb: np.ndarray) -> float | None:
+    """The median brightness of a low-resolution RGB image when it is below DARK_MEDIAN (not a
+    brightfield slide: fluorescence, or a dark-field scan), else None."""
+    median = float(np.median(rgb.max(axis=-1)))
+    return median if median < DARK_MEDIAN else None
+
+
 def tissue_mask(rgb: np.ndarray) -> np.ndarray:
     """Boolean tissue mask of a low-resolution RGB image: Otsu on saturation after a light blur,
     with near-white and near-black pixels removed."""

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -194,6 +195,20 @@ def test_without_ray_a_one_line_hint_and_no_ray_import(slide_dir, tmp_path):
     check = ("import sys, midnight_prep.cli, midnight_prep.executors, midnight_prep.ray_executor; "
              "assert 'ray' not in sys.modules")
     subprocess.run([sys.executable, "-c", check], check=True)
+
+
+def test_an_unreachable_cluster_is_one_line_in_seconds(slide_dir, tmp_path):
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    start = time.monotonic()
+    # Ray alone waits for minutes there, printing only its warnings (the timeout fails this).
+    done = subprocess.run([*CLI, "build", slide_dir / "glass.tiff", "-o", tmp_path / "o",
+                           "--executor", "ray", "--ray-address", address],
+                          capture_output=True, text=True, timeout=40)
+    assert done.returncode == 1 and time.monotonic() - start < 30
+    assert f"cannot join the Ray cluster at {address}: nothing answers there" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "o").exists()
 
 
 def test_ray_to_object_storage_with_storage_options(ray_address, slide_dir, s3_env, tmp_path):

@@ -12,7 +12,7 @@ import fsspec
 import pytest
 
 from midnight_prep.shards import read_shard
-from midnight_prep.staging import SlideCache, StagingError, entry_key
+from midnight_prep.staging import SlideCache, StagingError
 
 CLI = [sys.executable, "-m", "midnight_prep.cli"]
 GOOD = ("generic40x.tiff", "aperio40x.svs", "scan20x.tiff")
@@ -32,6 +32,14 @@ def samples(out: Path) -> list[tuple[str, str, bytes, dict]]:
         for key, files in read_shard(str(shard)):
             found.append((shard.name, key, files["jpg"], json.loads(files["json"])))
     return found
+
+
+def entry_of(stage: Path, url: str) -> Path | None:
+    """The complete entry of ``url`` in a slide cache folder, if any (names hash its version)."""
+    for meta in stage.glob("*/entry.json"):
+        if json.loads(meta.read_text())["url"] == url:
+            return meta.parent
+    return None
 
 
 def entries(stage: Path) -> list[str]:
@@ -147,8 +155,8 @@ def test_cache_bound_and_sharing_across_processes(s3_env, tmp_path):
     # kept (keep=True): the entry of the slide held second, and its lock file; either process
     # may be the first to get in
     assert len(entries(stage)) == 2 and {first["url"], second["url"]} == {a, b}
-    assert (stage / entry_key(second["url"])).is_dir()
-    assert not (stage / entry_key(first["url"])).exists()
+    assert entry_of(stage, second["url"]) is not None
+    assert entry_of(stage, first["url"]) is None
 
     # Room for both: the same slide is held by both at once, from one copy.
     one, two = hold_concurrently(stage, size * 3, [a, a], tmp_path, together=tmp_path / "both")
@@ -184,7 +192,7 @@ def test_staging_errors_and_leftovers(s3_env, tmp_path):
     kept = SlideCache(str(stage), 10_000, retry_s=1, wait_s=5, keep=True)
     with kept.open_local(url):
         pass
-    (stage / entry_key(url) / "entry.json").unlink()
+    (entry_of(stage, url) / "entry.json").unlink()
     with kept.open_local(url) as path:
         assert Path(path).read_bytes() == b"x" * 5000 and kept.used_bytes() == 5000
     assert kept.clean() == 5000
@@ -200,3 +208,41 @@ def test_staging_errors_and_leftovers(s3_env, tmp_path):
     with pytest.raises(StagingError, match="Hamamatsu .vms"):
         cache.acquire(f"s3://{PREFIX}/x.vms")
     assert entries(stage) == []  # failures leave nothing, not even lock files
+
+
+def test_a_replaced_object_is_staged_anew_and_never_served_unchecked(slide_dir, s3_env, tmp_path,
+                                                                      monkeypatch):
+    fs = fsspec.filesystem("s3")
+    url, blob = f"s3://{PREFIX}/replaced/slide.tiff", f"s3://{PREFIX}/replaced/blob.svs"
+    stage = tmp_path / "stage"
+    kept = SlideCache(str(stage), 10**8, retry_s=1, wait_s=5, keep=True)
+    # A copy kept by a trainer (keep=True), then the object is replaced by another slide.
+    fs.put_file(str(slide_dir / "glass.tiff"), url)
+    with kept.open_local(url) as path:
+        assert Path(path).read_bytes() == (slide_dir / "glass.tiff").read_bytes()
+    fs.put_file(str(slide_dir / "generic40x.tiff"), url)
+    with kept.open_local(url) as path:
+        assert Path(path).read_bytes() == (slide_dir / "generic40x.tiff").read_bytes()
+    # The same size, other bytes: the ETag tells them apart.
+    fs.pipe_file(blob, b"a" * 3000)
+    with kept.open_local(blob):
+        pass
+    fs.pipe_file(blob, b"b" * 3000)
+    with kept.open_local(blob) as path:
+        assert Path(path).read_bytes() == b"b" * 3000
+
+    # A build from the same URL (the builder's cache: the default one in --stage-dir) uses the
+    # slide now there: glass (no tissue, nothing written) staged first, H&E now.
+    fs.put_file(str(slide_dir / "glass.tiff"), url)
+    with kept.open_local(url):
+        pass
+    fs.put_file(str(slide_dir / "generic40x.tiff"), url)
+    done = build(url, "-o", tmp_path / "out", *FAST, "--stage-dir", stage)
+    assert done.returncode == 0, done.stderr
+    assert len(samples(tmp_path / "out")) == 8
+
+    # A cached copy is not served when the store refuses the credentials.
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    fs.clear_instance_cache()
+    with pytest.raises(StagingError, match=f"cannot read {url}"):
+        kept.acquire(url)
