@@ -1,0 +1,53 @@
+"""Every error path of `fit` ends the process and its loader workers within seconds, exit != 0
+(workers block SIGTERM for preemption: an error that left them running hung the process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shardkit import make_shards  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "examples" / "tiny-cpu.yaml")
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, cmu_slide):
+    out = tmp_path_factory.mktemp("shards")
+    make_shards(out, cmu_slide, n_shards=2, per_shard=24, tile_size=112)
+    return out
+
+
+def fit(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    """`midnight-train fit` in a subprocess; a hang fails the test (TimeoutExpired)."""
+    return subprocess.run([sys.executable, "-m", "midnight_train", "fit", TINY,
+                           "train.tensorboard=false", "train.progress=false", *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+
+
+def test_non_finite_loss_with_loader_workers_exits(shards, tmp_path):
+    done = fit(f"data.shards={shards}", f"output_dir={tmp_path / 'run'}", "data.num_workers=2",
+               "train.base_lr=1e9", "train.clip_grad=0")
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "non-finite loss at step" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_evaluation_failure_with_loader_workers_exits(shards, tmp_path):
+    one_class = tmp_path / "eval" / "only"
+    one_class.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((56, 56, 3), 40 * i, np.uint8)).save(one_class / f"{i}.png")
+    done = fit(f"data.shards={shards}", f"output_dir={tmp_path / 'run'}", "data.num_workers=2",
+               "eval.every=2", "eval.methods=[knn]",
+               f"eval.sets=[{{name: one, train: {tmp_path / 'eval'}, test: {tmp_path / 'eval'}}}]")
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "two classes" in done.stderr and "Traceback" not in done.stderr
