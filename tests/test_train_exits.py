@@ -51,3 +51,22 @@ def test_an_evaluation_failure_with_loader_workers_exits(shards, tmp_path):
                f"eval.sets=[{{name: one, train: {tmp_path / 'eval'}, test: {tmp_path / 'eval'}}}]")
     assert done.returncode == 1, done.stderr[-2000:]
     assert "two classes" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_slide_cache_too_small_for_the_loader_is_refused_at_start(cmu_slide, s3_env, tmp_path):
+    """Three staged slides of 1.9 MB, 2 workers x 3 open slides: a 5 MB cache made workers wait
+    for each other (then hang past the DataLoader timeout); refused at start with the number."""
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    for i in range(3):
+        fs.put_file(str(cmu_slide), f"midnight/room/s{i}.svs")
+    args = ["data.slides=s3://midnight/room/", f"data.stage_dir={tmp_path / 'stage'}",
+            "data.slide_pool=1", "data.num_workers=2", "data.timeout_s=60", "train.max_steps=2"]
+    done = fit(*args, "data.stage_max_gb=0.005", f"output_dir={tmp_path / 'small'}", timeout=60)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "data.stage_max_gb=0.01 or more" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "small" / "config.yaml").exists()
+    assert not (tmp_path / "stage").exists() or not any((tmp_path / "stage").iterdir())
+    done = fit(*args, "data.stage_max_gb=0.006", f"output_dir={tmp_path / 'room'}", timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
