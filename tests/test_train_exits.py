@@ -70,3 +70,24 @@ def test_a_slide_cache_too_small_for_the_loader_is_refused_at_start(cmu_slide, s
     assert not (tmp_path / "stage").exists() or not any((tmp_path / "stage").iterdir())
     done = fit(*args, "data.stage_max_gb=0.006", f"output_dir={tmp_path / 'room'}", timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_same_shards_twice_are_refused(shards, tmp_path):
+    """data.shards=[OUT, OUT] read every sample twice per epoch without a word."""
+    from midnight_train.config import load_config
+    from midnight_train.data.loader import make_loader
+
+    def loader(*overrides: str):
+        cfg = load_config(TINY, list(overrides)).data
+        return make_loader(cfg, seed=0, rank=0, world_size=1)
+
+    for source in (f"[{shards}, {shards}]", f"[{shards}, {shards}/./]",
+                   f"[{shards}/shard-000000.tar, {shards}]"):
+        with pytest.raises(ValueError, match="listed more than once .*shard-000000.tar"):
+            loader(f"data.shards={source}")
+    twice = [f"{{shards: {shards}, name: {n}}}" for n in "ab"]
+    with pytest.raises(ValueError, match="dataset 'b' are listed more than once"):
+        loader(f"data.datasets=[{', '.join(twice)}]")
+    groups = [f"{{shards: {shards}, name: {n}, group: {n}}}" for n in "ab"]
+    loader(f"data.datasets=[{', '.join(groups)}]")  # one shard set, two groups: fine
+    loader(f"data.shards={shards}")

@@ -55,7 +55,7 @@ from torch.utils.data import DataLoader
 
 from midnight_train.data.config import DataConfig
 from midnight_train.data.shard_stream import ShardStreamDataset
-from midnight_train.data.sources import check_reachable, shard_counts
+from midnight_train.data.sources import check_reachable, repeated_shards, shard_counts
 from midnight_train.data.streams import StreamDataset
 
 log = logging.getLogger(__name__)
@@ -101,9 +101,21 @@ class Loader:
                                                              world_size=world_size)
             return
         shard_lists = []
+        by_group: dict[Any, list[str]] = {}
         for spec in cfg.dataset_specs():
             listed = shard_counts(spec["shards"])
             shard_lists.append([url for url, _ in listed])
+            # The same shards twice (data.shards=[OUT, OUT], or two datasets of one group) would
+            # read every sample twice per epoch without a word.
+            group = by_group.setdefault(spec.get("group"), [])
+            group.extend(shard_lists[-1])
+            repeated = repeated_shards(group)
+            if repeated:
+                raise ValueError(
+                    f"data: {len(repeated)} shard(s) of dataset {spec.get('name')!r} are listed "
+                    f"more than once (e.g. {repeated[0]}), so their samples would be read twice "
+                    f"per epoch; give each shard source once (to weight a dataset use "
+                    f"data.datasets with a weight)")
             if listed:
                 check_reachable(listed[0][0])
             known = [n for _, n in listed if n is not None]
