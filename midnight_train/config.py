@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 import yaml
 
 from midnight_train.data.config import DataConfig
 from midnight_train.method.augment import BLUR_CONVENTIONS, AugmentConfig
-from midnight_train.method.models import ModelConfig
+from midnight_train.method.models import ModelConfig, timm_kwargs
 from midnight_train.method.objective import LossConfig
 from midnight_train.method.schedules import LR_BATCH_RULES
 from midnight_train.outputs.periodic_eval import EvalConfig
@@ -125,8 +126,11 @@ def build_config(raw: dict) -> Config:
 
 def check_values(cfg: Config) -> None:
     """Values that would crash the run later (a division by zero after step 1) or silently train
-    nothing (lr <= 0) are errors now, naming the key."""
-    t, loss = cfg.train, cfg.loss
+    nothing (lr <= 0, no prototypes, every loss weight 0) are errors now, naming the key."""
+    t, loss, m, d = cfg.train, cfg.loss, cfg.model, cfg.data
+    weights = {k: getattr(loss, k) for k in ("dino_weight", "ibot_weight", "kde_weight",
+                                              "koleo_weight")}
+    tile = d.tile_params().tile_size if d.source_kind() == "slides" else None
     rules = [
         ("train.max_steps", t.max_steps, t.max_steps >= 1, ">= 1"),
         ("train.grad_accum", t.grad_accum, t.grad_accum >= 1, ">= 1"),
@@ -156,12 +160,76 @@ def check_values(cfg: Config) -> None:
         ("loss.teacher_temp_start", loss.teacher_temp_start, loss.teacher_temp_start > 0, "> 0"),
         ("augment.blur_convention", cfg.augment.blur_convention,
          cfg.augment.blur_convention in BLUR_CONVENTIONS, " or ".join(BLUR_CONVENTIONS)),
-        ("model.arch", cfg.model.arch, timm.is_model(cfg.model.arch),
-         "a timm model name such as vit_small_patch14_dinov2 or vit_giant_patch14_reg4_dinov2"),
+        *[(f"loss.{k}", v, v >= 0, ">= 0") for k, v in weights.items()],
+        ("loss (dino_weight, ibot_weight, kde_weight, koleo_weight)", tuple(weights.values()),
+         any(v > 0 for v in weights.values()), "at least one > 0"),
+        ("loss.kde_kappa", loss.kde_kappa, loss.kde_kappa > 0, "> 0"),
+        ("loss.teacher_targets", loss.teacher_targets,
+         loss.teacher_targets in ("sinkhorn_knopp", "centering"), "sinkhorn_knopp or centering"),
+        ("loss.sk_iterations", loss.sk_iterations, loss.sk_iterations >= 1, ">= 1"),
+        ("loss.center_momentum", loss.center_momentum, 0 <= loss.center_momentum <= 1, "in [0, 1]"),
+        ("loss.teacher_temp_warmup_steps", loss.teacher_temp_warmup_steps,
+         loss.teacher_temp_warmup_steps >= 0, ">= 0"),
+        ("model.head_n_prototypes", m.head_n_prototypes, m.head_n_prototypes > 0, "> 0"),
+        ("model.ibot_n_prototypes", m.ibot_n_prototypes, m.ibot_n_prototypes > 0, "> 0"),
+        ("model.head_hidden_dim", m.head_hidden_dim, m.head_hidden_dim > 0, "> 0"),
+        ("model.head_bottleneck_dim", m.head_bottleneck_dim, m.head_bottleneck_dim > 0, "> 0"),
+        ("model.ibot_bottleneck_dim", m.ibot_bottleneck_dim,
+         m.ibot_bottleneck_dim is None or m.ibot_bottleneck_dim > 0, "null or > 0"),
+        ("model.head_nlayers", m.head_nlayers, m.head_nlayers >= 1, ">= 1"),
+        ("model.drop_path_rate", m.drop_path_rate, 0 <= m.drop_path_rate < 1, "in [0, 1)"),
+        ("model.img_size", m.img_size, m.img_size == d.global_crop_size,
+         f"data.global_crop_size ({d.global_crop_size}): the position grid the crops train"),
+        ("data.mask_ratio_min_max", list(d.mask_ratio_min_max),
+         0 <= d.mask_ratio_min_max[0] <= d.mask_ratio_min_max[1] <= 1, "[low, high] in [0, 1]"),
+        ("data.mask_sample_probability", d.mask_sample_probability,
+         0 <= d.mask_sample_probability <= 1, "in [0, 1]"),
+        ("data.mask_max_fraction", d.mask_max_fraction, 0 <= d.mask_max_fraction <= 1,
+         "in [0, 1]"),
+        ("data.global_crop_size", d.global_crop_size,
+         d.global_crop_size > 0 and d.global_crop_size % d.patch_size == 0,
+         f"a multiple of data.patch_size ({d.patch_size})"),
+        ("data.local_crop_size", d.local_crop_size,
+         d.local_crop_size > 0 and d.local_crop_size % d.patch_size == 0
+         and d.local_crop_size <= d.global_crop_size,
+         f"a multiple of data.patch_size ({d.patch_size}), <= data.global_crop_size"),
+        ("data.global_crop_size", d.global_crop_size, tile is None or d.global_crop_size <= tile,
+         f"<= data.tiles.tile_size ({tile})"),
+        *[(f"data.{k}", list(getattr(d, k)), 0 < getattr(d, k)[0] <= getattr(d, k)[1] <= 1,
+           "[low, high] in (0, 1]") for k in ("global_crop_scale", "local_crop_scale")],
     ]
     bad = [f"{key}={value!r} (must be {need})" for key, value, ok, need in rules if not ok]
+    if not bad:
+        bad = _check_model(m, d.patch_size)
     if bad:
         raise ConfigError(f"invalid value{'s' if len(bad) > 1 else ''}: {'; '.join(bad)}")
+
+
+def _check_model(m: ModelConfig, patch_size: int) -> list[str]:
+    """The backbone built on the meta device (no memory, a fraction of a second): a timm
+    VisionTransformer whose patch size is data.patch_size; what timm refuses (an embed dim not
+    divisible by the heads) named here rather than as a traceback later."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not timm.is_model(m.arch):
+        return [f"model.arch={m.arch!r} (must be a timm model name such as "
+                "vit_small_patch14_dinov2 or vit_giant_patch14_reg4_dinov2)"]
+    if not timm.models.is_model_in_modules(m.arch, ["vision_transformer"]):
+        return [f"model.arch={m.arch!r} (must be a timm VisionTransformer such as "
+                "vit_small_patch14_dinov2 or vit_giant_patch14_reg4_dinov2)"]
+    try:
+        with torch.device("meta"):
+            vit = timm.create_model(m.arch, pretrained=False, **timm_kwargs(m))
+    except Exception as err:  # noqa: BLE001 - any refusal of these arguments is the answer
+        return [f"model.arch={m.arch!r} with model.timm_kwargs={m.timm_kwargs!r}: timm cannot "
+                f"build it ({type(err).__name__}: {err})"]
+    if not isinstance(vit, VisionTransformer):
+        return [f"model.arch={m.arch!r} (must be a timm VisionTransformer such as "
+                f"vit_small_patch14_dinov2, not a {type(vit).__name__})"]
+    patch = vit.patch_embed.patch_size[0]
+    if patch != patch_size:
+        return [f"data.patch_size={patch_size} (must be the patch size of {m.arch}: {patch})"]
+    return []
 
 
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:

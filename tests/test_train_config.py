@@ -94,3 +94,32 @@ def test_resuming_a_run_saved_before_lr_scaling_batch_existed_is_a_change():
     assert config_changes(saved, cfg) == []
     del saved["train"]["lr_scaling_batch"]
     assert config_changes(saved, cfg) == ["train.lr_scaling_batch: 'accumulated' -> 'dinov2'"]
+
+
+@pytest.mark.parametrize("overrides, said", [
+    (["model.head_n_prototypes=0"], "model.head_n_prototypes=0 (must be > 0)"),
+    (["loss.ibot_weight=-1"], "loss.ibot_weight=-1.0 (must be >= 0)"),
+    (["loss.dino_weight=0", "loss.ibot_weight=0", "loss.kde_weight=0"], "at least one > 0"),
+    (["data.mask_ratio_min_max=[0.1, 1.5]"], "data.mask_ratio_min_max=[0.1, 1.5]"),
+    (["data.local_crop_size=30"], "data.local_crop_size=30 (must be a multiple of data.patch_size"),
+    (["data.local_crop_size=70"], "<= data.global_crop_size"),
+    (["model.img_size=224"], "model.img_size=224 (must be data.global_crop_size (56)"),
+    (["model.arch=resnet50"], "model.arch='resnet50' (must be a timm VisionTransformer"),
+    (["model.timm_kwargs.num_heads=5"], "timm cannot build it (AssertionError: dim should be "
+                                        "divisible by num_heads)"),
+    (["data.patch_size=28"], "data.patch_size=28 (must be the patch size of"),
+    (["data.shards=null", "data.slides=x.svs", "data.tiles.tile_size=48"],
+     "data.global_crop_size=56 (must be <= data.tiles.tile_size (48))"),
+])
+def test_model_loss_and_crop_values_are_checked_at_start(tmp_path, overrides, said):
+    """One line naming the key, before the output folder exists (these trained zeros or failed
+    with a traceback later)."""
+    from click.testing import CliRunner
+
+    from midnight_train.cli import main
+
+    out = tmp_path / "run"
+    done = CliRunner().invoke(main, ["fit", str(EXAMPLES[0].parent / "tiny-cpu.yaml"),
+                                     f"output_dir={out}", *overrides])
+    assert done.exit_code == 2 and said in done.output, done.output
+    assert "Traceback" not in done.output and not out.exists()

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -54,12 +55,15 @@ from torch.utils.data import DataLoader
 
 from midnight_train.data.config import DataConfig
 from midnight_train.data.shard_stream import ShardStreamDataset
-from midnight_train.data.sources import check_reachable, shard_counts
+from midnight_train.data.sources import check_reachable, repeated_shards, shard_counts
 from midnight_train.data.streams import StreamDataset
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# Seconds the workers get to stop when the loader closes; then they are killed (they block the
+# stop signals, so SIGTERM would not end one stuck in a slide download or a wait for cache room).
+STOP_WORKERS_S = 5.0
 
 
 class Loader:
@@ -89,6 +93,7 @@ class Loader:
                             {k: state.get(k) for k in self.identity}, self.identity, stream_seed)
         self.stream_seed = stream_seed
         self.positions = positions
+        self._batches: Any = None  # the DataLoader iterator whose workers run now
         if self.source == "slides":
             from midnight_train.data.slide_stream import SlideStreamDataset
 
@@ -96,9 +101,21 @@ class Loader:
                                                              world_size=world_size)
             return
         shard_lists = []
+        by_group: dict[Any, list[str]] = {}
         for spec in cfg.dataset_specs():
             listed = shard_counts(spec["shards"])
             shard_lists.append([url for url, _ in listed])
+            # The same shards twice (data.shards=[OUT, OUT], or two datasets of one group) would
+            # read every sample twice per epoch without a word.
+            group = by_group.setdefault(spec.get("group"), [])
+            group.extend(shard_lists[-1])
+            repeated = repeated_shards(group)
+            if repeated:
+                raise ValueError(
+                    f"data: {len(repeated)} shard(s) of dataset {spec.get('name')!r} are listed "
+                    f"more than once (e.g. {repeated[0]}), so their samples would be read twice "
+                    f"per epoch; give each shard source once (to weight a dataset use "
+                    f"data.datasets with a weight)")
             if listed:
                 check_reachable(listed[0][0])
             known = [n for _, n in listed if n is not None]
@@ -126,7 +143,9 @@ class Loader:
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.cfg.num_workers,
                             generator=torch.Generator().manual_seed(self.stream_seed),
                             pin_memory=self.pin_memory, **extra)
-        return self._hand_out(iter(loader))  # workers start now, not at the first next()
+        self.close()  # one iterator at a time
+        self._batches = iter(loader)  # workers start now, not at the first next()
+        return self._hand_out(self._batches)
 
     def _hand_out(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         try:
@@ -135,8 +154,44 @@ class Loader:
                 self.positions[position["worker"]] = position
                 self.consumed += 1
                 yield batch
-        finally:  # workers block SIGTERM: stop them here, also when one has failed
-            getattr(batches, "_shutdown_workers", lambda: None)()
+        finally:  # also when a worker has failed
+            self.close()
+
+    def close(self) -> None:
+        """Stop the workers, within STOP_WORKERS_S: asked first, then killed. The trainer calls
+        it on every way out of ``fit`` (an error in the step or an evaluation leaves the
+        iterator suspended, and the workers, which block SIGTERM, would keep the process from
+        exiting). Positions stay: a new ``iter()`` continues from them."""
+        batches, self._batches = self._batches, None
+        workers = list(getattr(batches, "_workers", ()))
+        if workers and not getattr(batches, "_shutdown", True):
+            try:  # torch's own shutdown waits 5 s per worker, then SIGTERM: ignored here
+                batches._workers_done_event.set()
+                for i, alive in enumerate(batches._workers_status):
+                    if alive:
+                        batches._mark_worker_as_unavailable(i, shutdown=True)
+            except (AttributeError, OSError, ValueError):
+                pass
+            deadline = time.monotonic() + STOP_WORKERS_S
+            for w in workers:
+                w.join(max(0.0, deadline - time.monotonic()))
+            stuck = [w for w in workers if w.is_alive()]
+            if stuck:
+                log.warning("%d data loader worker(s) did not stop within %g s: killed",
+                            len(stuck), STOP_WORKERS_S)
+                # not reported as "worker killed by signal" by torch's SIGCHLD handler
+                from torch.utils.data import _utils
+
+                if getattr(batches, "_worker_pids_set", False):
+                    _utils.signal_handling._remove_worker_pids(id(batches))
+                    batches._worker_pids_set = False
+                for w in stuck:
+                    w.kill()
+                for w in stuck:
+                    w.join(1.0)
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, **self.identity, "source": self.source,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from midnight_train.data.config import DataConfig
 
 log = logging.getLogger(__name__)
 
+LISTED_FOLDERS = 256  # at start, the remote folders listed for slide sizes (the staging check)
 PROBE_SLIDES = 8  # at start, the first of this many slides of each dataset must open
 MASK_MEMORY_BYTES = 64 << 20  # packed masks of closed slides kept in memory, per stream
 # Changes when the tissue mask algorithm does: on-disk masks of an older one are not reused.
@@ -113,9 +115,65 @@ def check_slides(datasets: list[SlideDataset], cache: SlideCache | None = None) 
 def slide_cache(cfg: DataConfig) -> SlideCache:
     """Where remote slides are staged: ``data.stage_dir`` (default: one folder per user in the
     temporary directory) bounded by ``data.stage_max_gb``; storage errors retried for
-    ``data.read_retry_s``. Slides stay there for reuse until evicted."""
+    ``data.read_retry_s``. Slides stay there for reuse until evicted. A worker waits for cache
+    room (other processes' slides) well within ``data.timeout_s``, then fails with the reason."""
     max_bytes = None if cfg.stage_max_gb is None else int(cfg.stage_max_gb * 1e9)
-    return SlideCache(cfg.stage_dir, max_bytes, retry_s=float(cfg.read_retry_s), keep=True)
+    wait_s = max(1.0, cfg.timeout_s - float(cfg.read_retry_s)) / 2
+    return SlideCache(cfg.stage_dir, max_bytes, retry_s=float(cfg.read_retry_s), wait_s=wait_s,
+                      keep=True)
+
+
+def open_capacity(slide_pool: int, n_datasets: int) -> int:
+    """The most slides one stream keeps open (and, remote, staged and held): its pools and two
+    more (a slide being replaced, a candidate of the tissue weighting)."""
+    return slide_pool * n_datasets + 2
+
+
+def remote_sizes(datasets: list[SlideDataset]) -> dict[str, int]:
+    """Bytes of the remote slides, from listings of their folders (at most LISTED_FOLDERS; the
+    plan has just listed a prefix, so fsspec answers from its cache). Slides whose folder
+    cannot be listed are left out."""
+    import fsspec
+
+    folders: dict[str, list[str]] = {}
+    for ds in datasets:
+        for spec in ds.slides:
+            if not is_local(spec.path):
+                folders.setdefault(spec.path.rstrip("/").rsplit("/", 1)[0], []).append(spec.path)
+    sizes: dict[str, int] = {}
+    for folder, urls in list(folders.items())[:LISTED_FOLDERS]:
+        try:
+            fs, path = fsspec.core.url_to_fs(folder)
+            listed = {str(e["name"]).rstrip("/"): e.get("size") for e in fs.ls(path, detail=True)}
+        except Exception:  # noqa: BLE001 - no listing: this check cannot help, staging still can
+            continue
+        for url in urls:
+            size = listed.get(fs._strip_protocol(url).rstrip("/"))
+            if isinstance(size, int):
+                sizes[url] = size
+    return sizes
+
+
+def check_stage_room(cfg: DataConfig, datasets: list[SlideDataset], cache: SlideCache,
+                     processes: int) -> None:
+    """Refuse at start a slide cache that cannot hold what the loader holds at once: each of
+    ``processes`` streams (workers of every training process on this node) keeps up to
+    `open_capacity` slides staged, and a full cache makes workers wait for each other."""
+    sizes = sorted(remote_sizes(datasets).values(), reverse=True)
+    if not sizes:
+        return
+    capacity = open_capacity(cfg.slide_pool, len(datasets))
+    need = min(sum(sizes), processes * sum(sizes[:capacity]))
+    if need <= cache.max_bytes:
+        return
+    gb = math.ceil(need / 1e7) / 100
+    raise ValueError(
+        f"data.stage_max_gb: the slide cache in {cache.root} ({cache.max_bytes / 1e9:.2f} GB) "
+        f"cannot hold the slides the loader keeps staged at once: {processes} loader "
+        f"process(es) on this node (data.num_workers, per training process) x up to {capacity} "
+        f"open slides each (data.slide_pool x datasets + 2), {need / 1e9:.2f} GB for these "
+        f"slides; set data.stage_max_gb={gb:g} or more (data.stage_dir on a disk with that "
+        f"room), or lower data.slide_pool or data.num_workers")
 
 
 class MaskStore:

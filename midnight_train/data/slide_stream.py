@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,8 @@ from midnight_train.data.open_slides import (
     SlideDataset,
     SlideEntry,
     check_slides,
+    check_stage_room,
+    open_capacity,
     slide_cache,
     slide_datasets,
 )
@@ -137,7 +140,7 @@ class TileSampler:
         weights = np.array([d.weight for d in datasets], dtype=np.float64)
         self.weights = weights / weights.sum()
         self.periods = [max(1, round(slide_pool * draws_per_slide / w)) for w in self.weights]
-        self.open = OpenSlides(slide_pool * len(datasets) + 2)
+        self.open = OpenSlides(open_capacity(slide_pool, len(datasets)))
         self.masks = MaskStore(mask_cache_dir)
         self.stage = stage or SlideCache()
         self.draws = 0
@@ -391,7 +394,10 @@ class SlideStreamDataset(StreamDataset):
         super().__init__(cfg, seed=seed, rank=rank, world_size=world_size)
         self.datasets = slide_datasets(cfg)
         # Its held slides are released before the DataLoader forks (no inherited locks).
-        check_slides(self.datasets, slide_cache(cfg))
+        cache = slide_cache(cfg)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun, accelerate launch
+        check_stage_room(cfg, self.datasets, cache, max(1, cfg.num_workers) * local)
+        check_slides(self.datasets, cache)
 
     def make_stream(self, *, stream: int, n_streams: int, worker: int,
                     position: dict[str, Any] | None) -> Iterator[dict[str, Any]]:

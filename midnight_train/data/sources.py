@@ -8,12 +8,13 @@ shards; without manifests every `*.tar` below it), or a prefix (`s3://bucket/tra
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 
 import braceexpand
 import fsspec
 
-from midnight_prep.shards import is_local
+from midnight_prep.shards import is_local, local_path
 from midnight_prep.storage import PERMANENT, StorageError, is_transient, storage_message
 
 
@@ -88,6 +89,19 @@ def manifest_counts(source: str) -> dict[str, int | None] | None:
             n = entry.get("samples")
             counts[fs.unstrip_protocol(p) if "://" in source else p] = None if n is None else int(n)
     return dict(sorted(counts.items()))
+
+
+def repeated_shards(urls: list[str]) -> list[str]:
+    """The shards of ``urls`` listed more than once (local paths compared resolved: ``out`` and
+    ``./out/`` are the same shards), each named once."""
+    seen: set[str] = set()
+    repeated: dict[str, None] = {}
+    for url in urls:
+        key = os.path.realpath(local_path(url)) if is_local(url) else url
+        if key in seen:
+            repeated[url] = None
+        seen.add(key)
+    return list(repeated)
 
 
 def assign_shards(urls: list[str], stream: int, n_streams: int) -> list[tuple[str, int, int]]:

@@ -278,6 +278,11 @@ class Trainer:
             self._seed_rngs(rank_state)
             return self._loop(batches, stop_after)
         finally:
+            # Every way out stops the loader's workers (an error in the step or an evaluation
+            # leaves them running, and they block SIGTERM: the process would never exit).
+            close = getattr(self.loader, "close", None)
+            if close is not None:
+                close()
             stop.restore()
             for tracker in self.accelerator.trackers:
                 tracker.finish()
