@@ -178,8 +178,6 @@ def check_values(cfg: Config) -> None:
          m.ibot_bottleneck_dim is None or m.ibot_bottleneck_dim > 0, "null or > 0"),
         ("model.head_nlayers", m.head_nlayers, m.head_nlayers >= 1, ">= 1"),
         ("model.drop_path_rate", m.drop_path_rate, 0 <= m.drop_path_rate < 1, "in [0, 1)"),
-        ("model.img_size", m.img_size, m.img_size == d.global_crop_size,
-         f"data.global_crop_size ({d.global_crop_size}): the position grid the crops train"),
         ("data.mask_ratio_min_max", list(d.mask_ratio_min_max),
          0 <= d.mask_ratio_min_max[0] <= d.mask_ratio_min_max[1] <= 1, "[low, high] in [0, 1]"),
         ("data.mask_sample_probability", d.mask_sample_probability,

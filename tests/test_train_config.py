@@ -103,7 +103,6 @@ def test_resuming_a_run_saved_before_lr_scaling_batch_existed_is_a_change():
     (["data.mask_ratio_min_max=[0.1, 1.5]"], "data.mask_ratio_min_max=[0.1, 1.5]"),
     (["data.local_crop_size=30"], "data.local_crop_size=30 (must be a multiple of data.patch_size"),
     (["data.local_crop_size=70"], "<= data.global_crop_size"),
-    (["model.img_size=224"], "model.img_size=224 (must be data.global_crop_size (56)"),
     (["model.arch=resnet50"], "model.arch='resnet50' (must be a timm VisionTransformer"),
     (["model.timm_kwargs.num_heads=5"], "timm cannot build it (AssertionError: dim should be "
                                         "divisible by num_heads)"),
