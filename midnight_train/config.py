@@ -18,7 +18,7 @@ import yaml
 
 from midnight_train.data.config import DataConfig
 from midnight_train.method.augment import BLUR_CONVENTIONS, AugmentConfig
-from midnight_train.method.models import ModelConfig, timm_kwargs
+from midnight_train.method.models import ModelConfig, create_vit
 from midnight_train.method.objective import LossConfig
 from midnight_train.method.schedules import LR_BATCH_RULES
 from midnight_train.outputs.periodic_eval import EvalConfig
@@ -204,11 +204,10 @@ def check_values(cfg: Config) -> None:
 
 
 def _check_model(m: ModelConfig, patch_size: int) -> list[str]:
-    """The backbone built on the meta device (no memory, a fraction of a second): a timm
-    VisionTransformer whose patch size is data.patch_size; what timm refuses (an embed dim not
-    divisible by the heads) named here rather than as a traceback later."""
-    from timm.models.vision_transformer import VisionTransformer
-
+    """The backbone built as training builds it (``create_vit``, which refuses what is not a
+    VisionTransformer), on the meta device (no memory, a fraction of a second): its patch size
+    must be data.patch_size; what timm refuses (an embed dim not divisible by the heads) is
+    named here rather than as a traceback later."""
     if not timm.is_model(m.arch):
         return [f"model.arch={m.arch!r} (must be a timm model name such as "
                 "vit_small_patch14_dinov2 or vit_giant_patch14_reg4_dinov2)"]
@@ -217,13 +216,10 @@ def _check_model(m: ModelConfig, patch_size: int) -> list[str]:
                 "vit_small_patch14_dinov2 or vit_giant_patch14_reg4_dinov2)"]
     try:
         with torch.device("meta"):
-            vit = timm.create_model(m.arch, pretrained=False, **timm_kwargs(m))
+            vit = create_vit(m)
     except Exception as err:  # noqa: BLE001 - any refusal of these arguments is the answer
         return [f"model.arch={m.arch!r} with model.timm_kwargs={m.timm_kwargs!r}: timm cannot "
                 f"build it ({type(err).__name__}: {err})"]
-    if not isinstance(vit, VisionTransformer):
-        return [f"model.arch={m.arch!r} (must be a timm VisionTransformer such as "
-                f"vit_small_patch14_dinov2, not a {type(vit).__name__})"]
     patch = vit.patch_embed.patch_size[0]
     if patch != patch_size:
         return [f"data.patch_size={patch_size} (must be the patch size of {m.arch}: {patch})"]
