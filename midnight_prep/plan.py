@@ -18,7 +18,7 @@ import fsspec
 
 from .shards import JPEG_QUALITY, canonical, folder_of, is_local, local_path, safe_slide_id
 from .slides import PLAUSIBLE_MPP
-from .storage import PERMANENT, StorageError, is_transient, probe, storage_message
+from .storage import PERMANENT, StorageError, etag_of, is_transient, probe, storage_message
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif",
                     ".svslide")
@@ -282,7 +282,7 @@ def file_stamp(path: str) -> tuple[int, str | None]:
     fs, where = fsspec.core.url_to_fs(path)
     fs.invalidate_cache(where)
     info = fs.info(where)
-    return int(info["size"]), (str(info.get("ETag") or info.get("etag") or "") or None)
+    return int(info["size"]), etag_of(info)
 
 
 def stamp_files(slides: list[SlideSpec]) -> None:

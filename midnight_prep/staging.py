@@ -43,7 +43,7 @@ from contextlib import contextmanager
 import fsspec
 
 from .shards import is_local, local_path
-from .storage import StorageError, backoff, endpoint_of, is_transient, storage_message
+from .storage import StorageError, backoff, endpoint_of, etag_of, is_transient, storage_message
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class SlideCache:
                                "and give that path instead")
         os.makedirs(self.root, exist_ok=True)
         # The remote look comes first, every time: which version is there now decides the entry.
-        files = self._retrying(url, lambda: _remote_files(url, name))
+        files, etag = self._retrying(url, lambda: _remote_files(url, name))
         key = entry_key(url, _version(url, files))
         entry = os.path.join(self.root, key)
         deadline = time.monotonic() + self.wait_s
@@ -205,7 +205,7 @@ class SlideCache:
                 self._held[key] = self._held.get(key, 0) + size
             return Staged(url, os.path.join(entry, name),
                           functools.partial(self._release, key, fd, size, keep),
-                          files[0][2], _etag(files[0][3]))
+                          files[0][2], etag)
 
     def clean(self) -> int:
         """Remove every entry no process holds (and stale partial downloads); return the bytes
@@ -436,22 +436,15 @@ def _tag(info: dict) -> str:
     return " ".join(f"{k}={info[k]}" for k in VERSION_FIELDS if info.get(k) not in (None, ""))
 
 
-def _etag(tag: str) -> str | None:
-    """The ETag in a `_tag` string (ETags are quoted and have no spaces), if any."""
-    for part in tag.split(" "):
-        if part.startswith("ETag=") or part.startswith("etag="):
-            return part.split("=", 1)[1]
-    return None
-
 
 def _version(url: str, files: list[tuple[str, str, int, str]]) -> str:
     """What identifies the copy to stage: the endpoint, then each file's name, size and tag."""
     return "\n".join([endpoint_of(url)] + [f"{rel} {size} {tag}" for _, rel, size, tag in files])
 
 
-def _remote_files(url: str, name: str) -> list[tuple[str, str, int, str]]:
+def _remote_files(url: str, name: str) -> tuple[list[tuple[str, str, int, str]], str | None]:
     """(remote path, local path relative to the entry, bytes, version tag) of the slide's files,
-    as the store says now (not from a listing cached earlier in this process): the slide, and for
+    and the slide file's ETag, as the store says now (not from a listing cached earlier in this process): the slide, and for
     MIRAX (.mrxs) every file of the sibling folder of the same stem."""
     fs, path = fsspec.core.url_to_fs(url)
     fs.invalidate_cache(path)
@@ -469,7 +462,7 @@ def _remote_files(url: str, name: str) -> list[tuple[str, str, int, str]]:
         base = posixpath.dirname(path)
         files += [(p, posixpath.relpath(p, base), int(d["size"]), _tag(d))
                   for p, d in sorted(data.items())]
-    return files
+    return files, etag_of(info)
 
 
 def _fetch(url: str, files: list[tuple[str, str, int, str]], folder: str) -> None:

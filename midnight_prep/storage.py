@@ -199,3 +199,8 @@ def probe(url: str) -> None:
                 type(exn).__name__ in CREDENTIAL_ERRORS:
             raise StorageError(storage_message(url, exn, "use")) from exn
         raise
+
+
+def etag_of(info: dict) -> str | None:
+    """The ETag in fsspec's details of a remote file (s3fs spells it ``ETag``), if any."""
+    return str(info.get("ETag") or info.get("etag") or "") or None
